@@ -1,0 +1,213 @@
+"""Typed configs: YAML files and `key.sub=value` overrides into dataclasses, strictly.
+
+Each job has a dataclass tree (sections are nested dataclasses). `load_config` rejects
+unknown keys (with a did-you-mean), wrong scalar types and missing required keys, naming
+the file and the dotted key, then runs every section's `validate()`. Nothing is executed:
+YAML is read with the safe loader and override values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.io import atomic_write
+
+T = TypeVar("T")
+_MISSING = dataclasses.MISSING
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read `path` (may be None for all defaults), apply overrides, build and validate `cls`."""
+    file = str(path) if path is not None else None
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        cfg = _build(cls, raw, "")
+        _validate_tree(cfg)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, exc.msg, file) from None
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError("", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"top level must be a mapping, got {type(data).__name__}", str(path))
+    return data
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as a YAML scalar/list."""
+    key, sep, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(item, "override must look like key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section (override '{item}')")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """Convert YAML data `value` into type `tp`, raising ConfigError at dotted `key`."""
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, key)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _build(a, value, key)
+            except ConfigError as exc:
+                errors.append(exc.msg)
+        raise ConfigError(key, " / ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
+        item_t = args[0] if args else Any
+        out = [_build(item_t, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__} {value!r}")
+        val_t = args[1] if len(args) == 2 else Any
+        return {str(k): _build(val_t, v, f"{key}.{k}") for k, v in value.items()}
+    return _build_scalar(tp, value, key)
+
+
+def _build_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    else:
+        raise TypeError(f"config field {key} has unsupported type {tp!r}")
+    raise ConfigError(key, f"must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build_dataclass(cls: Any, value: Any, key: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a section (mapping), got {type(value).__name__} {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in value:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean '{_join(key, close[0])}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(_join(key, str(name)), f"unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _join(key, name)
+        if name in value:
+            kwargs[name] = _build(hints[name], value[name], sub)
+        elif f.default is _MISSING and f.default_factory is _MISSING:
+            raise ConfigError(sub, "is required")
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _validate_tree(cfg: Any, key: str = "") -> None:
+    """Call validate() on every section, children first; prefix relative keys with the section path."""
+    for f in dataclasses.fields(cfg):
+        child = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate_tree(child, _join(key, f.name))
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as exc:
+            raise ConfigError(_join(key, exc.key), exc.msg) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain-data (YAML/JSON-safe) copy of a config tree."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the (resolved) config as YAML next to a job's outputs, atomically."""
+    with atomic_write(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: Any) -> str:
+    """Short stable hash of a config tree (for completion markers and lineage)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def add_config_args(parser) -> None:
+    """Add the `--config PATH` and trailing `key.sub=value` overrides every entry point takes."""
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
