@@ -1,0 +1,39 @@
+"""Prepare training data on Ray: raw dumps -> cleaned shards -> token shards + manifest.
+
+    python launch/prepare_data.py --config configs/data/wiki_sample.yaml
+    python launch/prepare_data.py --config configs/data/wiki_sample.yaml steps=[clean] ray.num_cpus=4
+
+Writes <output_dir>/{config.yaml, cleaned/*.jsonl.zst + *.stats.json, tokens/, report.json}.
+Runs on a local Ray instance by default (ray.address=auto joins a running cluster). Running it
+again skips the shards that are already done, so an interrupted job just needs a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import add_config_args, load_config
+from pipeline.errors import GristmillError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+
+    from pipeline.data.config import DataConfig
+    from pipeline.data.runner import prepare_data
+    from pipeline.log import setup_logging
+
+    setup_logging("INFO")
+    try:
+        prepare_data(load_config(DataConfig, args.config, args.overrides))
+    except GristmillError as exc:  # a user error: one line, no traceback
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Atomic writes, stale-temp cleanup, checksums and zstd JSON lines (pipeline/io.py)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from pipeline import io
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_write(target, "w") as fh:
+        fh.write("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp left behind
+    with io.atomic_write(target, "w") as fh:
+        fh.write("new")
+    assert target.read_text() == "new"
+
+
+def test_atomic_dir_promotes_whole_directory(tmp_path):
+    dest = tmp_path / "ckpt"
+    with pytest.raises(ValueError), io.atomic_dir(dest) as d:
+        (d / "part").write_text("x")
+        raise ValueError
+    assert not dest.exists()
+    with io.atomic_dir(dest) as d:
+        (d / "part").write_text("x")
+    assert (dest / "part").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_remove_stale_temps(tmp_path):
+    (tmp_path / f"{io.TMP_PREFIX}shard.jsonl.zst.abc").write_text("partial")
+    (tmp_path / f"{io.TMP_PREFIX}dir.x").mkdir()
+    (tmp_path / "keep.jsonl.zst").write_text("done")
+    assert io.remove_stale_temps(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.jsonl.zst"]
+
+
+def test_sha256_and_jsonl_zst_round_trip(tmp_path):
+    rows = [{"id": "w/1", "text": "héllo\nworld"}, {"id": "w/2", "text": "数学"}]
+    path = tmp_path / "x.jsonl.zst"
+    io.write_jsonl_zst(path, rows)
+    assert list(io.read_jsonl_zst(path)) == rows
+    assert io.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    first = path.read_bytes()
+    io.write_jsonl_zst(path, rows)
+    assert path.read_bytes() == first  # deterministic bytes
+
+
+def test_dist_helpers_without_process_group(monkeypatch):
+    import torch
+
+    from pipeline import dist
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    t = torch.tensor([3.0])
+    assert dist.all_reduce_sum(t).item() == 3.0
+    dist.barrier()
