@@ -1,0 +1,40 @@
+"""Pretrain a Llama-family model on token shards with DeepSpeed (ZeRO-3 by default).
+
+    DS_ACCELERATOR=cpu deepspeed -q --num_gpus 2 launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml
+    python launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml --check     # plan only
+
+Writes runs/<run.name>/{config.yaml,metrics.jsonl,checkpoints/}; starting it again resumes
+from checkpoints/latest (raise train.max_steps to train further).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import add_config_args, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser)
+    parser.add_argument("--check", action="store_true", help="print the resolved plan and exit")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    args = parser.parse_args(argv)
+
+    from pipeline import dist
+    from pipeline.log import setup_logging
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.trainer import plan, pretrain_worker
+
+    setup_logging("INFO")
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.check:
+        print(plan(cfg, dist.world_size()))
+        return
+    pretrain_worker(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Everything DeepSpeed-shaped: the config dict, the engine wrapper, checkpoint consolidation.
+
+This is the only module that imports deepspeed (lazily, so `--check` and tests of `ds_config`
+stay light). The training loops (pretraining and fine-tuning) see only `Engine`:
+
+    engine = Engine(lambda: build_model(cfg), ds_config(batch=..., optim=..., parallel=...,
+                                                      total_steps=..., world_size=...))
+    for micro in micro_batches:                 # grad_accum of them
+        engine.forward_backward(micro, normalizer=targets_in_this_step_on_all_ranks)
+    engine.step()
+
+Batches follow transformers' conventions: `labels` has the shape of `input_ids`, -100 is ignored
+and the engine shifts it (position t predicts labels[t+1]). A batch may instead carry
+`shift_labels`, already aligned with the positions (what the packed pretraining loader yields,
+so no position is wasted). The LR is set before every optimizer step from the 'lr_schedule'
+entry of the config (see schedule.py); DeepSpeed's own scheduler is not used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline.errors import CheckpointError
+from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.train.schedule import make_lr_fn
+
+IGNORE_INDEX = -100
+NO_DECAY_HINTS = ("norm", "bias")  # RMSNorm weights and biases get no weight decay
+
+
+def ds_config(
+    *, batch: BatchConfig, optim: OptimConfig, parallel: ParallelConfig, total_steps: int, world_size: int
+) -> dict:
+    """The DeepSpeed config dict for these sections (pure: no processes, no device queries)."""
+    dp = parallel.dp_size(world_size)
+    cfg: dict = {
+        "train_batch_size": batch.global_size,
+        "train_micro_batch_size_per_gpu": batch.micro_size,
+        "gradient_accumulation_steps": batch.grad_accum(dp),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                # torch's AdamW: no 43 s JIT build of DeepSpeed's CPU Adam; Engine turns it off on GPUs.
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # our metrics.jsonl is the log; DeepSpeed's prints are noise
+        "wall_clock_breakdown": False,
+        # Ours, not DeepSpeed's: Engine pops it and sets the LR per step (schedule.lr_at).
+        "lr_schedule": {
+            "lr": optim.lr,
+            "min_lr": optim.min_lr,
+            "warmup_steps": optim.warmup_steps,
+            "total_steps": optim.schedule_steps or total_steps,
+            "schedule": optim.schedule,
+        },
+    }
+    if parallel.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif parallel.precision == "fp16":
+        cfg["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    if parallel.tp_size > 1:
+        cfg["tensor_parallel"] = {"autotp_size": parallel.tp_size}
+    if parallel.activation_checkpointing:
+        cfg["activation_checkpointing"] = {"partition_activations": False}
+    return cfg
+
+
+def precision_supported(precision: str) -> bool:
+    """Whether this machine's DeepSpeed accelerator trains in `precision` (fp16 fails on most CPUs)."""
+    if precision == "fp32":
+        return True
+    _quiet()
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    return bool(acc.is_bf16_supported() if precision == "bf16" else acc.is_fp16_supported())
+
+
+def _quiet() -> None:
+    """Silence DeepSpeed/transformers noise that says nothing actionable (notes, section 10)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.ERROR)
+    except ImportError:
+        pass
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def init_distributed() -> None:
+    """Start the process group once; a plain `python` run becomes a 1-rank group on a free port."""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    deepspeed.init_distributed(verbose=False)
+
+
+_init_distributed = init_distributed  # the name fine-tuning first imported
+
+
+def _share_cpu_threads() -> None:
+    """On CPU, split the cores between the local ranks unless OMP_NUM_THREADS says otherwise
+    (the deepspeed launcher leaves every rank with all cores, which oversubscribes them)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms and biases (judged by name: ZeRO-3 params are flat)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(h in name.lower() for h in NO_DECAY_HINTS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Engine:
+    """A DeepSpeed engine with exactly what a training loop needs; gradients are exact d(loss)/d(w)."""
+
+    def __init__(self, model_fn: Callable[[], torch.nn.Module], ds_cfg: dict):
+        _quiet()
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from transformers.integrations import HfDeepSpeedConfig
+
+        init_distributed()
+        ds_cfg = copy.deepcopy(ds_cfg)
+        sched = ds_cfg.pop("lr_schedule", None)
+        self._lr_fn = make_lr_fn(sched) if sched else None
+        acc = get_accelerator()
+        if acc.device_name() == "cpu":
+            _share_cpu_threads()
+        else:
+            ds_cfg["optimizer"]["params"]["torch_adam"] = False  # DeepSpeed's fused Adam is faster on GPUs
+        # transformers keeps only a weak reference: this object must outlive model construction,
+        # or from_config/from_pretrained silently builds the full model on every rank.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)
+        model = model_fn()
+        if "activation_checkpointing" in ds_cfg:
+            model.activation_checkpointing_enable()
+        wd = ds_cfg["optimizer"]["params"]["weight_decay"]
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, wd), config=ds_cfg
+        )
+        self.device = torch.device(acc.current_device_name())
+        tp = ds_cfg.get("tensor_parallel", {}).get("autotp_size", 1)
+        self.world_size = dist.world_size()
+        self.dp_size = self.world_size // tp
+        self.dp_rank = dist.rank() // tp  # AutoTP groups consecutive ranks; they share a batch
+        self.grad_accum = self.ds.gradient_accumulation_steps()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by load())."""
+        return int(self.ds.global_steps)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the batch's target tokens (fp32)."""
+        inputs = {
+            k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+        }
+        logits = self.ds(**inputs).logits  # (B, T, vocab)
+        if "shift_labels" in batch:
+            targets = batch["shift_labels"]
+        else:
+            logits, targets = logits[:, :-1], batch["labels"][:, 1:]
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)),
+            targets.to(self.device).reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], normalizer: float) -> float:
+        """Backward of (this micro batch's token-loss sum / normalizer); returns the unscaled sum.
+
+        `normalizer` is the number of target tokens in the whole optimizer step on all ranks.
+        """
+        loss_sum = self._loss_sum(batch)
+        # DeepSpeed divides by grad_accum in backward() and averages gradients over dp ranks;
+        # multiplying back makes the accumulated gradient exactly d(sum of losses / normalizer).
+        scale = self.grad_accum * self.dp_size / float(normalizer)
+        self.ds.backward(loss_sum * scale)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # bookkeeping only: advances DeepSpeed's micro-step counter
+        return float(loss_sum.detach())
+
+    def step(self) -> None:
+        """Set this step's LR, clip, and apply the optimizer (after grad_accum forward_backward calls)."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"step() needs {self.grad_accum} forward_backward calls first")
+        if self._lr_fn is not None:
+            lr = self._lr_fn(self.global_steps)
+            for group in self.ds.optimizer.param_groups:
+                group["lr"] = lr
+        self.ds.step()
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """(token-loss sum, target tokens) of one batch, without gradients; call on every rank."""
+        self.ds.eval()
+        try:
+            loss_sum = self._loss_sum(batch)
+        finally:
+            self.ds.train()
+        targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
+        return float(loss_sum), int((targets != IGNORE_INDEX).sum())
+
+    def save(self, root: Path, tag: str, client_state: dict) -> None:
+        """DeepSpeed checkpoint into root/tag on every rank (no `latest`: checkpoint.py owns it)."""
+        self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, root: Path, tag: str) -> dict:
+        """Restore weights, optimizer and step count from root/tag; returns this rank's client state."""
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        try:
+            path, client_state = self.ds.load_checkpoint(str(root), tag=tag)
+        except ZeRORuntimeException as exc:
+            raise CheckpointError(f"{root}/{tag}: cannot resume with this world size: {exc}") from None
+        if path is None:
+            raise CheckpointError(f"{root}/{tag}: DeepSpeed found no checkpoint to load")
+        return client_state or {}
+
+
+def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict (HF names) of a ZeRO checkpoint, in this process, without a process group."""
+    _quiet()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not (Path(root) / tag).is_dir():
+        raise CheckpointError(f"{root}/{tag}: checkpoint folder not found")
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

@@ -1,0 +1,177 @@
+"""Test helpers for the trainer: a tiny real tokenizer, token shards + manifest, the DeepSpeed launcher.
+
+Shards and manifest.json are written here directly in the manifest schema (DESIGN contracts),
+with pipeline.data.indexed, so trainer tests do not depend on the data-prep job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.indexed import bin_path, dtype_for_vocab, idx_path, write_indexed
+from pipeline.io import sha256_file, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = [
+    "river",
+    "mill",
+    "grain",
+    "stone",
+    "water",
+    "wheel",
+    "flour",
+    "miller",
+    "town",
+    "bread",
+    "north",
+    "south",
+    "old",
+    "new",
+    "king",
+    "church",
+    "year",
+    "war",
+    "people",
+    "city",
+    "valley",
+    "bridge",
+    "road",
+    "market",
+    "harvest",
+    "field",
+    "farm",
+    "the",
+    "of",
+    "and",
+    "in",
+    "a",
+]
+
+
+def tiny_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-sentences with enough repetition that a tiny model learns them fast."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n_docs):
+        start = int(rng.integers(len(WORDS)))
+        words = [WORDS[(start + 3 * k) % len(WORDS)] for k in range(int(rng.integers(8, 40)))]
+        docs.append(f"Document {i}. " + " ".join(words) + ".")
+    return docs
+
+
+def make_tokenizer_dir(folder: Path, texts: list[str], vocab_size: int = 300) -> Path:
+    """Train a real SentencePiece BPE model and add the HF files so AutoTokenizer loads it offline."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(folder / "spm"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    (folder / "spm.model").rename(folder / "tokenizer.model")
+    (folder / "spm.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    return folder
+
+
+def encode_docs(tokenizer_dir: Path, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text followed by EOS (the data-prep convention)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    return [np.array(ids + [sp.eos_id()]) for ids in sp.encode(texts)]
+
+
+def write_token_dir(
+    tokens_dir: Path,
+    splits: dict[str, list[list[np.ndarray]]],
+    *,
+    vocab_size: int,
+    tokenizer_dir: Path | None = None,
+    special: tuple[int, int, int] = (2, 3, 0),
+) -> Path:
+    """Write shards `<split>_<k>.bin/.idx` for each split's list of shards, plus manifest.json."""
+    dtype = dtype_for_vocab(vocab_size)
+    entries: dict[str, list[dict]] = {}
+    for split, shards in splits.items():
+        entries[split] = []
+        for k, docs in enumerate(shards):
+            prefix = f"{split}_{k}"
+            n_docs, n_tok = write_indexed(tokens_dir / prefix, docs, dtype)
+            sums = {
+                "bin": sha256_file(bin_path(tokens_dir / prefix)),
+                "idx": sha256_file(idx_path(tokens_dir / prefix)),
+            }
+            entries[split].append({"prefix": prefix, "documents": n_docs, "tokens": n_tok, "sha256": sums})
+    if tokenizer_dir is None:  # a stand-in file, so fingerprint checks still have something to hash
+        tokenizer_dir = tokens_dir.parent / "stub_tokenizer"
+        tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        (tokenizer_dir / "tokenizer.model").write_bytes(b"not a real sentencepiece model")
+    tok_path, fingerprint = str(tokenizer_dir), sha256_file(tokenizer_dir / "tokenizer.model")
+    bos, eos, pad = special
+    write_json(
+        tokens_dir / "manifest.json",
+        {
+            "format": "megatron-indexed-v1",
+            "dtype": dtype.name,
+            "tokenizer": {
+                "path": tok_path,
+                "fingerprint": fingerprint,
+                "vocab_size": vocab_size,
+                "bos_id": bos,
+                "eos_id": eos,
+                "pad_id": pad,
+            },
+            "splits": entries,
+            "totals": {
+                s: {"documents": sum(e["documents"] for e in es), "tokens": sum(e["tokens"] for e in es)}
+                for s, es in entries.items()
+            },
+            "config": {},
+            "lineage": {"inputs": []},
+        },
+    )
+    return tokens_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(args: list[str], *, num_ranks: int = 2, timeout: int = 300, cwd: Path = REPO):
+    """`deepspeed -q --num_gpus N --master_port <free> <args>` on CPU; removes its /dev/shm segments."""
+    port = free_port()
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [str(deepspeed), "-q", "--num_gpus", str(num_ranks), "--master_port", str(port), *args]
+    try:
+        return subprocess.run(cmd, env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True)
+    finally:
+        for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            seg.unlink(missing_ok=True)

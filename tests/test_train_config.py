@@ -1,0 +1,104 @@
+"""PretrainConfig loading and resolve(): batch arithmetic, vocab from the manifest, errors naming keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dist_helpers import write_token_dir
+
+from pipeline.config import load_config, save_config
+from pipeline.errors import ConfigError, DataError
+from pipeline.train.config import PretrainConfig, ResolvedPretrainConfig, load_model_config, resolve
+from pipeline.train.engine import precision_supported
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Path:
+    docs = [np.arange(1, 50) % 90 + 4 for _ in range(4)]
+    return write_token_dir(tmp_path / "tokens", {"train": [docs], "valid": [docs[:1]]}, vocab_size=96)
+
+
+def load(tokens: Path, *overrides: str) -> PretrainConfig:
+    base = [f"data.tokens={tokens}", f"model.file={REPO / 'configs/model/tiny.yaml'}"]
+    return load_config(PretrainConfig, TINY_CPU, [*base, *overrides])
+
+
+def test_tiny_cpu_resolves_on_two_ranks(tokens):
+    r = resolve(load(tokens), world_size=2)
+    assert (r.derived.dp_size, r.derived.grad_accum) == (2, 2)
+    assert r.model.vocab_size == 96 and r.model.num_layers == 2
+    assert r.derived.tokens_per_step == 8 * 128 and r.derived.num_params > 0
+    assert (r.derived.bos_id, r.derived.eos_id, r.derived.pad_id) == (2, 3, 0)
+    assert resolve(load(tokens), world_size=1).derived.grad_accum == 4
+
+
+def test_resolved_config_round_trips(tokens, tmp_path):
+    r = resolve(load(tokens), world_size=2)
+    save_config(r, tmp_path / "config.yaml")
+    back = load_config(ResolvedPretrainConfig, tmp_path / "config.yaml")
+    assert back == r
+
+
+def test_indivisible_global_batch(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "batch.global_size=10"), world_size=2)
+    assert err.value.key == "batch.global_size"
+    assert "(2 x 2 = 4), got 10" in str(err.value)
+
+
+def test_vocab_mismatch_names_the_key(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "model.overrides.vocab_size=1000"), world_size=1)
+    assert err.value.key == "model.vocab_size" and "96" in err.value.msg
+
+
+def test_model_overrides_are_checked(tokens):
+    cfg = load(tokens, "model.overrides.hidden_size=32", "model.overrides.tie_embeddings=false")
+    model = load_model_config(cfg.model)
+    assert model.hidden_size == 32 and model.tie_embeddings is False
+    with pytest.raises(ConfigError) as err:
+        load_model_config(load(tokens, "model.overrides.hidden_sise=32").model)
+    assert err.value.key == "model.overrides.hidden_sise" and "hidden_size" in err.value.msg
+    with pytest.raises(ConfigError) as err:
+        load_model_config(load(tokens, "model.overrides.num_heads=3").model)
+    assert err.value.key == "model.overrides.num_heads"
+
+
+def test_seq_len_longer_than_model(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "data.seq_len=1024"), world_size=1)
+    assert err.value.key == "data.seq_len"
+
+
+def test_tp_must_divide_world(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "parallel.tp_size=2"), world_size=3)
+    assert err.value.key == "parallel.tp_size" and "divide the world size (3)" in err.value.msg
+    with pytest.raises(ConfigError, match="not supported by pretraining yet"):
+        resolve(load(tokens, "parallel.tp_size=2"), world_size=2)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(DataError, match="manifest.json"):
+        resolve(load(tmp_path / "nowhere"), world_size=1)
+
+
+def test_section_validation_names_key(tokens):
+    with pytest.raises(ConfigError) as err:
+        load(tokens, "optim.min_lr=1.0")
+    assert err.value.key == "optim.min_lr"
+    with pytest.raises(ConfigError) as err:
+        load(tokens, "parallel.precision=fp8")
+    assert err.value.key == "parallel.precision"
+
+
+@pytest.mark.skipif(precision_supported("fp16"), reason="this CPU's DeepSpeed accelerator supports fp16")
+def test_fp16_refused_with_a_hint(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "parallel.precision=fp16"), world_size=1)
+    assert err.value.key == "parallel.precision" and "bf16" in err.value.msg

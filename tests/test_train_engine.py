@@ -1,0 +1,73 @@
+"""ds_config as a pure dict (no processes) and the AdamW parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.model.build import build_model
+from pipeline.model.config import ModelConfig
+from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.train.engine import ds_config, param_groups, precision_supported
+
+
+def make(world_size=2, **parallel):
+    return ds_config(
+        batch=BatchConfig(global_size=8, micro_size=2),
+        optim=OptimConfig(lr=1e-3, grad_clip=0.5),
+        parallel=ParallelConfig(**parallel),
+        total_steps=100,
+        world_size=world_size,
+    )
+
+
+def test_zero3_bf16_dict():
+    cfg = make()
+    assert cfg["train_batch_size"] == 8
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
+    assert cfg["gradient_clipping"] == 0.5
+    opt = cfg["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] is True
+    assert opt["params"]["betas"] == [0.9, 0.95] and opt["params"]["weight_decay"] == 0.1
+    assert "scheduler" not in cfg  # the LR is ours, set per step
+    assert cfg["lr_schedule"] == {
+        "lr": 1e-3,
+        "min_lr": 1e-4,
+        "warmup_steps": 10,
+        "total_steps": 100,
+        "schedule": "cosine",
+    }
+
+
+def test_precisions_and_parallel_blocks():
+    assert "bf16" not in make(precision="fp32") and "fp16" not in make(precision="fp32")
+    assert make(precision="fp16")["fp16"]["enabled"] is True
+    assert make(zero_stage=1)["zero_optimization"] == {"stage": 1}
+    tp = make(world_size=4, tp_size=2)
+    assert tp["tensor_parallel"] == {"autotp_size": 2} and tp["gradient_accumulation_steps"] == 2
+    assert "activation_checkpointing" in make(activation_checkpointing=True)
+    assert make(world_size=1)["gradient_accumulation_steps"] == 4
+
+
+def test_indivisible_batch_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        make(world_size=3)
+    assert err.value.key == "batch.global_size" and "2 x 3 = 6" in str(err.value)
+
+
+def test_param_groups_skip_norms():
+    cfg = ModelConfig(vocab_size=50, hidden_size=16, num_heads=2, max_seq_len=8)
+    model = build_model(cfg, bos_id=2, eos_id=3, pad_id=0, partitioned=False)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in no_decay["params"])
+    assert len(no_decay["params"]) == 2 * cfg.num_layers + 1
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_precision_supported_fp32_and_bf16():
+    assert precision_supported("fp32") and precision_supported("bf16")
