@@ -22,8 +22,14 @@ MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = 34  # 9 magic + 8 version + 1 dtype + 8 S + 8 D1
 DTYPE_CODES: dict[int, type] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32,
-    5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
@@ -84,7 +90,9 @@ class IndexedDataset:
                 raise DataError(f"{p}: token shard file not found")
         self._idx = np.memmap(idx, dtype=np.uint8, mode="r")
         self._read_header(idx)
-        self.tokens = np.memmap(binf, dtype=self.dtype, mode="r") if binf.stat().st_size else np.zeros(0, self.dtype)
+        self.tokens = (
+            np.memmap(binf, dtype=self.dtype, mode="r") if binf.stat().st_size else np.zeros(0, self.dtype)
+        )
         expected = int(self.lengths.astype(np.int64).sum())
         if self.tokens.size != expected:
             raise DataError(f"{binf}: holds {self.tokens.size} tokens but {idx} indexes {expected}")

@@ -26,9 +26,28 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 OUT = Path(__file__).resolve().parent / "sample"
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "ensurepip",
-        "venv", "pydoc_data", "xxsubtype", "xxlimited", "__main__", "_pydecimal", "pyexpat", "msilib",
-        "nturl2path", "tabnanny", "webbrowser"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "xxsubtype",
+    "xxlimited",
+    "__main__",
+    "_pydecimal",
+    "pyexpat",
+    "msilib",
+    "nturl2path",
+    "tabnanny",
+    "webbrowser",
+}
 TIMESTAMP = "2026-11-01T00:00:00Z"
 
 
@@ -91,7 +110,12 @@ def _members(mod) -> list[tuple[str, str, list[str]]]:
 
 def _is_signature(text: str) -> bool:
     """Builtins often start their docstring with a call signature; that is not prose."""
-    return bool(re.match(r"^[\w.]+\(.*\)( -> .*)?$", text)) or "(" in text[:30] and ")" in text[:60] and "-->" in text
+    return (
+        bool(re.match(r"^[\w.]+\(.*\)( -> .*)?$", text))
+        or "(" in text[:30]
+        and ")" in text[:60]
+        and "-->" in text
+    )
 
 
 def _article(name: str, mod, members, all_names: set[str]) -> str:
@@ -113,7 +137,7 @@ def _article(name: str, mod, members, all_names: set[str]) -> str:
     if related:
         lines.append("== See also ==")
         lines += [f"* [[{r}]]" for r in related]
-    lines.append("{| class=\"wikitable\"\n! Property !! Value\n|-\n| Kind || " + kind + "\n|}")
+    lines.append('{| class="wikitable"\n! Property !! Value\n|-\n| Kind || ' + kind + "\n|}")
     lines.append("[[Category:Python standard library]]")
     return "\n\n".join(lines)
 
@@ -133,10 +157,17 @@ def _instructions(mods, members_of, rng: random.Random) -> list[dict]:
     rows = []
     for name, mod in mods:
         paras = _paragraphs(mod.__doc__)
-        rows.append({"instruction": f"What is the Python module {name} for?", "input": "", "output": paras[0]})
+        rows.append(
+            {"instruction": f"What is the Python module {name} for?", "input": "", "output": paras[0]}
+        )
         for attr, what, mparas in members_of[name]:
-            rows.append({"instruction": f"Explain what this Python {what} does.", "input": f"{name}.{attr}",
-                         "output": mparas[0]})
+            rows.append(
+                {
+                    "instruction": f"Explain what this Python {what} does.",
+                    "input": f"{name}.{attr}",
+                    "output": mparas[0],
+                }
+            )
     rng.shuffle(rows)
     return rows[:1500]
 
@@ -150,8 +181,8 @@ def main() -> None:
         '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">\n'
         "  <siteinfo>\n    <sitename>PyWiki</sitename>\n    <dbname>pywiki</dbname>\n"
         "    <base>https://pywiki.invalid/wiki/Main_Page</base>\n    <generator>gristmill make_sample</generator>\n"
-        "    <case>first-letter</case>\n    <namespaces>\n      <namespace key=\"0\" case=\"first-letter\" />\n"
-        "      <namespace key=\"4\" case=\"first-letter\">PyWiki</namespace>\n    </namespaces>\n  </siteinfo>\n"
+        '    <case>first-letter</case>\n    <namespaces>\n      <namespace key="0" case="first-letter" />\n'
+        '      <namespace key="4" case="first-letter">PyWiki</namespace>\n    </namespaces>\n  </siteinfo>\n'
     )
     pages, pid = [], 1
     for name, mod in mods:
