@@ -4,8 +4,8 @@
 #
 #   bash launch/run_sample.sh
 #
-# Outputs: out/wiki_sample/ (data), tokenizers/wiki_sample/, runs/tiny_cpu/ (pretraining),
-# runs/sft_tiny/ (fine-tuning; its hf/ folder is a Hugging Face model). Re-running resumes:
+# Outputs: out/wiki_sample/ (data), tokenizers/wiki_sample/, runs/wiki_sample/ (pretraining),
+# runs/sft_sample/ (fine-tuning; its hf/ folder is a Hugging Face model). Re-running resumes:
 # finished shards and runs are skipped. NUM_GPUS sets the ranks (default 2; CPU ranks without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,8 @@ python launch/train_tokenizer.py --config configs/tokenizer/wiki_sample.yaml
 step "3/6 tokenize into Megatron .bin/.idx shards"
 python launch/prepare_data.py --config configs/data/wiki_sample.yaml
 step "4/6 pretrain a tiny Llama with DeepSpeed ZeRO-3 on ${NUM_GPUS} ranks"
-deepspeed -q --num_gpus "$NUM_GPUS" launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml
+deepspeed -q --num_gpus "$NUM_GPUS" launch/pretrain.py --config configs/pretrain/wiki_sample.yaml
 step "5/6 fine-tune it on the instruction sample"
-deepspeed -q --num_gpus "$NUM_GPUS" launch/finetune.py --config configs/finetune/sft_tiny.yaml
+deepspeed -q --num_gpus "$NUM_GPUS" launch/finetune.py --config configs/finetune/sft_sample.yaml
 step "6/6 generate from the fine-tuned Hugging Face folder"
-python launch/generate.py --model runs/sft_tiny/hf --prompt "What is the Python module json for?"
+python launch/generate.py --model runs/sft_sample/hf --prompt "What is the Python module json for?"
