@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from pipeline.errors import DataError
 
 TMP_PREFIX = ".tmp-"
 
@@ -108,11 +109,31 @@ def write_jsonl_zst(path: str | os.PathLike, rows: list[dict], level: int = 3) -
 
 
 def read_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
-    """Stream rows from a zstd-compressed JSON-lines file."""
+    """Stream rows from a zstd-compressed JSON-lines file (several concatenated frames are fine).
+    A file whose last frame never ends raises DataError after its complete lines: a truncated
+    shard must not read as a shorter, valid one."""
+    tail = b""
+    for chunk in _zstd_chunks(path):
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield from (json.loads(line) for line in lines if line.strip())
+    if tail.strip():
+        yield json.loads(tail)
+
+
+def _zstd_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
     import zstandard
 
-    with open(path, "rb") as raw:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            if line.strip():
-                yield json.loads(line)
+    d = zstandard.ZstdDecompressor().decompressobj()
+    with open(path, "rb") as fh:
+        try:
+            while chunk := fh.read(size):
+                while chunk:  # a fresh decompressor for each concatenated frame
+                    yield d.decompress(chunk)
+                    chunk = d.unused_data if d.eof else b""
+                    if chunk:
+                        d = zstandard.ZstdDecompressor().decompressobj()
+        except zstandard.ZstdError as exc:
+            raise DataError(f"{path}: unreadable zstd ({exc})") from None
+    if not d.eof:
+        raise DataError(f"{path}: truncated zstd stream (its last frame never ends, or the file is empty)")

@@ -1,47 +1,15 @@
-"""Megatron .bin/.idx: header bytes, a reader written here from the layout spec, dtype choice, corruption."""
+"""Megatron .bin/.idx: header bytes, our files vs a plain-numpy reader and writer of the layout (tokens_helpers), dtype choice, corruption."""
 
 from __future__ import annotations
 
-import struct
-from pathlib import Path
-
 import numpy as np
 import pytest
+from tokens_helpers import read_by_spec, write_by_spec
 
 from pipeline.data.indexed import IndexedDataset, bin_path, dtype_for_vocab, idx_path, write_indexed
 from pipeline.errors import DataError
 
 DOCS = [[5, 6, 7], [65000], [1, 2], [9, 9, 9, 9]]
-
-
-def read_by_spec(prefix: Path) -> tuple[np.dtype, list[np.ndarray], np.ndarray]:
-    """Plain-numpy reader of the layout in pipeline/data/indexed.py's docstring (not our reader)."""
-    raw = idx_path(prefix).read_bytes()
-    assert raw[:9] == b"MMIDIDX\x00\x00"
-    (version,) = struct.unpack("<Q", raw[9:17])
-    assert version == 1
-    code = raw[17]
-    dtype = np.dtype(
-        {
-            1: np.uint8,
-            2: np.int8,
-            3: np.int16,
-            4: np.int32,
-            5: np.int64,
-            6: np.float64,
-            7: np.float32,
-            8: np.uint16,
-        }[code]
-    )
-    n_seq, n_doc = struct.unpack("<QQ", raw[18:34])
-    off = 34
-    lengths = np.frombuffer(raw, "<i4", n_seq, off)
-    pointers = np.frombuffer(raw, "<i8", n_seq, off + 4 * n_seq)
-    doc_idx = np.frombuffer(raw, "<i8", n_doc, off + 12 * n_seq)
-    assert len(raw) == off + 12 * n_seq + 8 * n_doc
-    tokens = np.frombuffer(bin_path(prefix).read_bytes(), dtype.newbyteorder("<"))
-    seqs = [tokens[p // dtype.itemsize : p // dtype.itemsize + n] for p, n in zip(pointers, lengths)]
-    return dtype, seqs, doc_idx
 
 
 def test_idx_header_bytes(tmp_path):
@@ -77,6 +45,19 @@ def test_spec_reader_and_ours_agree(tmp_path, vocab):
     for i, doc in enumerate(docs):
         assert spec_seqs[i].tolist() == ds[i].tolist() == doc.tolist()
     assert ds.num_tokens == sum(len(d) for d in docs)
+
+
+@pytest.mark.parametrize(("vocab", "code"), [(32_000, 8), (65_499, 8), (65_500, 4), (100_000, 4)])
+def test_spec_writer_and_ours_agree_byte_for_byte(tmp_path, vocab, code):
+    rng = np.random.default_rng(vocab)
+    docs = [rng.integers(0, vocab, size=int(rng.integers(1, 50))) for _ in range(30)] + [
+        np.array([vocab - 1])
+    ]
+    write_indexed(tmp_path / "s", docs, dtype_for_vocab(vocab))
+    want_idx, want_bin = write_by_spec(docs, dtype_for_vocab(vocab))
+    assert idx_path(tmp_path / "s").read_bytes() == want_idx
+    assert bin_path(tmp_path / "s").read_bytes() == want_bin
+    assert want_idx[17] == code  # the dtype code byte: 8 = uint16, 4 = int32
 
 
 @pytest.mark.parametrize(

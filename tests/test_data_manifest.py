@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tokens_helpers import shared_small_tokenizer
 
 from pipeline.data.config import TokenizeConfig
 from pipeline.data.indexed import bin_path, idx_path
@@ -14,8 +15,6 @@ from pipeline.data.manifest import load_manifest, split_prefixes, verify_manifes
 from pipeline.data.tokenize import tokenize_file
 from pipeline.errors import DataError
 from pipeline.io import sha256_file, write_jsonl_zst
-from pipeline.tokenizer.config import TokenizerConfig
-from pipeline.tokenizer.train import train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample" / "instructions.jsonl"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +30,8 @@ def sample_docs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    """A 500-piece tokenizer trained on the shipped instruction sample (about a second)."""
-    tmp = tmp_path_factory.mktemp("tok")
-    write_jsonl_zst(tmp / "cleaned" / "sample.jsonl.zst", sample_docs())
-    return train_tokenizer(
-        TokenizerConfig(name="t", inputs=[str(tmp / "cleaned")], output_root=tmp, vocab_size=500)
-    )
+    """A 500-piece tokenizer trained on the shipped instruction sample (once per session)."""
+    return shared_small_tokenizer(tmp_path_factory)
 
 
 def make_tokens(tmp: Path, tok_dir: Path) -> tuple[Path, list[dict]]:
@@ -64,6 +59,9 @@ def test_manifest_schema_and_totals(tmp_path, tok_dir):
         "pad_id": 3,
     }
     assert [e["prefix"] for e in m["splits"]["train"]] == ["part-0.train", "part-1.train", "part-2.train"]
+    assert m["config"] == {"name": "t"} and m["lineage"] == {"inputs": []}
+    for e in m["splits"]["train"] + m["splits"]["valid"]:  # checksums of both files of every shard
+        assert e["sha256"] == {k: sha256_file(out / f"{e['prefix']}.{k}") for k in ("bin", "idx")}
     assert m["totals"]["train"]["documents"] + m["totals"]["valid"]["documents"] == 450
     assert m["totals"]["valid"]["tokens"] == sum(e["tokens"] for e in entries if e["split"] == "valid")
     assert split_prefixes(out, m, "valid") == [out / e["prefix"] for e in m["splits"]["valid"]]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
+from tokens_helpers import read_by_spec, shared_small_tokenizer, write_by_spec
 
 from pipeline.data.config import TokenizeConfig
 from pipeline.data.indexed import IndexedDataset, bin_path, idx_path
 from pipeline.data.tokenize import is_valid, shard_stem, tokenize_file
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import write_jsonl_zst
-from pipeline.tokenizer.config import TokenizerConfig
-from pipeline.tokenizer.train import train_tokenizer
+from pipeline.io import sha256_file, write_jsonl_zst
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample" / "instructions.jsonl"
 
@@ -34,12 +34,8 @@ def sample_docs(n: int | None = None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
-    """A 500-piece tokenizer trained on the shipped instruction sample (about a second)."""
-    tmp = tmp_path_factory.mktemp("tok")
-    write_jsonl_zst(tmp / "cleaned" / "sample.jsonl.zst", sample_docs())
-    return train_tokenizer(
-        TokenizerConfig(name="t", inputs=[str(tmp / "cleaned")], output_root=tmp, vocab_size=500)
-    )
+    """A 500-piece tokenizer trained on the shipped instruction sample (once per session)."""
+    return shared_small_tokenizer(tmp_path_factory)
 
 
 def shard(tmp: Path, docs: list[dict], name: str = "part-0") -> Path:
@@ -68,14 +64,22 @@ def test_round_trip_ids_are_sentencepiece_plus_eos(tmp_path, tok_dir):
     assert entries[0]["prefix"] == "part-0.train" and entries[0]["documents"] == len(want["train"])
     assert entries[0]["tokens"] == sum(map(len, want["train"]))
     assert IndexedDataset(tmp_path / "tokens" / "part-0.train").dtype.name == "uint16"
+    for split in ("train", "valid"):  # the files are byte for byte the layout, built independently
+        prefix = tmp_path / "tokens" / f"part-0.{split}"
+        assert (idx_path(prefix).read_bytes(), bin_path(prefix).read_bytes()) == write_by_spec(
+            [np.array(ids) for ids in want[split]], np.uint16
+        )
+        assert [s.tolist() for s in read_by_spec(prefix)[1]] == want[split]
 
 
-def test_output_bytes_are_deterministic(tmp_path, tok_dir):
+@pytest.mark.parametrize("shard_tokens", [0, 1500])
+def test_output_bytes_are_deterministic(tmp_path, tok_dir, shard_tokens):
     src = shard(tmp_path, sample_docs(200))
     outs = []
     for k, batch in enumerate([512, 1, 7]):  # the batch size must not change the bytes
         out = tmp_path / f"tokens{k}"
-        tokenize_file(src, out, TokenizeConfig(tokenizer=tok_dir, valid_fraction=0.2, batch_size=batch))
+        cfg = TokenizeConfig(tokenizer=tok_dir, valid_fraction=0.2, batch_size=batch)
+        tokenize_file(src, out, cfg, shard_tokens=shard_tokens)
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outs[0] == outs[1] == outs[2]
 
@@ -131,3 +135,51 @@ def test_user_errors(tmp_path, tok_dir):
     with pytest.raises(ConfigError, match="tokenizer.model not found"):
         tokenize_file(shard(tmp_path, sample_docs(2)), tmp_path, TokenizeConfig(tokenizer=tmp_path))
     assert shard_stem(Path("a/enwiki-1.jsonl.zst")) == "enwiki-1"
+
+
+def test_shard_tokens_cuts_splits_into_sized_shards(tmp_path, tok_dir):
+    src, cfg = shard(tmp_path, sample_docs(400)), TokenizeConfig(tokenizer=tok_dir, valid_fraction=0.1)
+    whole = tokenize_file(src, tmp_path / "whole", cfg)
+    cut = tokenize_file(src, tmp_path / "cut", cfg, shard_tokens=2000)
+    train = [e for e in cut if e["split"] == "train"]
+    assert [e["prefix"] for e in train] == [f"part-0.train.{k:04d}" for k in range(len(train))]
+    assert len(train) > 3 and all(e["tokens"] >= 2000 for e in train[:-1])
+    for e in train[:-1]:  # a shard ends with the document that reaches the limit
+        last = IndexedDataset(tmp_path / "cut" / e["prefix"])
+        assert e["tokens"] - len(last[len(last) - 1]) < 2000
+    for split in ("train", "valid"):  # the same documents, in the same order
+        docs = [
+            d.tolist()
+            for e in cut
+            if e["split"] == split
+            for ds in [IndexedDataset(tmp_path / "cut" / e["prefix"])]
+            for d in (ds[i] for i in range(len(ds)))
+        ]
+        assert docs == read_split(tmp_path / "whole", "part-0", split)
+    assert sum(e["tokens"] for e in cut) == sum(e["tokens"] for e in whole)
+    for e in cut:  # checksums computed while streaming are those of the files
+        assert e["sha256"]["bin"] == sha256_file(bin_path(tmp_path / "cut" / e["prefix"]))
+    tokenize_file(src, tmp_path / "cut", cfg)  # other settings: the numbered shards are removed
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == [
+        "part-0.tokens.json",
+        "part-0.train.bin",
+        "part-0.train.idx",
+        "part-0.valid.bin",
+        "part-0.valid.idx",
+    ]
+
+
+def test_truncated_or_corrupt_input_leaves_no_output(tmp_path, tok_dir):
+    import zstandard
+
+    cfg, out = TokenizeConfig(tokenizer=tok_dir, valid_fraction=0.1, batch_size=16), tmp_path / "tokens"
+    src = shard(tmp_path, sample_docs(400))
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # zstd reads this as 0 rows, no error
+    with pytest.raises(DataError, match="part-0.jsonl.zst: unreadable: truncated zstd"):
+        tokenize_file(src, out, cfg)
+    lines = [json.dumps(d) for d in sample_docs(400)]
+    lines[300] = '{"id": "broken", "text": "cut'  # fails after 300 documents were streamed out
+    src.write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    with pytest.raises(DataError, match="unreadable after record 300"):
+        tokenize_file(src, out, cfg, shard_tokens=1000)
+    assert list(out.iterdir()) == []  # finished pieces of the bad shard and temp files are gone

@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from pipeline import io
+from pipeline.errors import DataError
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
@@ -64,3 +65,23 @@ def test_dist_helpers_without_process_group(monkeypatch):
     t = torch.tensor([3.0])
     assert dist.all_reduce_sum(t).item() == 3.0
     dist.barrier()
+
+
+def test_truncated_zst_raises_after_its_complete_rows(tmp_path):
+    rows = [{"id": i, "text": "word " * 200} for i in range(300)]
+    path = tmp_path / "rows.jsonl.zst"
+    io.write_jsonl_zst(path, rows)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    seen = []
+    with pytest.raises(DataError, match="rows.jsonl.zst: truncated"):
+        seen.extend(io.read_jsonl_zst(path))
+    assert seen == rows[: len(seen)]
+
+
+def test_concatenated_zst_frames_read_in_order(tmp_path):
+    a, b, both = tmp_path / "a.zst", tmp_path / "b.zst", tmp_path / "both.jsonl.zst"
+    io.write_jsonl_zst(a, [{"n": 1}])
+    io.write_jsonl_zst(b, [{"n": 2}, {"n": 3}])
+    both.write_bytes(a.read_bytes() + b.read_bytes())
+    assert [r["n"] for r in io.read_jsonl_zst(both)] == [1, 2, 3]

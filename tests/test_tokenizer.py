@@ -16,7 +16,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.io import read_jsonl_zst, sha256_file, write_jsonl_zst
 from pipeline.tokenizer.config import SPECIAL_IDS, TokenizerConfig
 from pipeline.tokenizer.hf import fingerprint, load_tokenizer
-from pipeline.tokenizer.train import resolve_inputs, sample_documents, train_tokenizer
+from pipeline.tokenizer.train import choose_shards, resolve_inputs, sample_documents, train_tokenizer
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample" / "instructions.jsonl"
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -124,6 +124,25 @@ def test_training_is_deterministic(tmp_path, tiny_tok):
         assert (again / name).read_bytes() == (tiny_tok / name).read_bytes()
 
 
+def test_digits_are_split_and_unknown_characters_fall_back_to_bytes(tiny_tok):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tok / "tokenizer.model"))
+    pieces = [sp.id_to_piece(i) for i in sp.encode("In 2023, 1,000 paid 3.14")]
+    digits = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert digits == list("20231000314")  # every digit its own piece
+    ids = sp.encode("ψ→🤖")  # not in the instruction sample: spelled as UTF-8 bytes, never <unk>
+    assert 0 not in ids and all(sp.id_to_piece(i).startswith("<0x") for i in ids)
+    assert len(ids) == len("ψ→🤖".encode()) and sp.decode(ids) == "ψ→🤖"
+
+
+def test_sentencepiece_logging_is_silenced(tmp_path, capfd):
+    train_tokenizer(tiny_config(tmp_path, sample_docs=200))
+    out, err = capfd.readouterr()
+    # SentencePiece's C++ trainer logs as "<file>.cc(<line>) LOG(INFO) ..."; other libraries' warnings
+    # (written by earlier tests' threads) may share stderr, so look for its lines only.
+    noise = [line for line in (err + out).splitlines() if ".cc(" in line or "LOG(INFO)" in line]
+    assert noise == [], noise[:5]
+
+
 def test_sample_is_seeded_and_independent_of_file_order(tmp_path):
     folder = write_corpus(tmp_path / "a")
     rows = list(read_jsonl_zst(folder / "sample.jsonl.zst"))
@@ -139,6 +158,15 @@ def test_sample_is_seeded_and_independent_of_file_order(tmp_path):
     assert other_seed.lines != one.lines
     capped = sample_documents(resolve_inputs([str(folder)]), tiny_config(tmp_path, max_chars=1000))
     assert 0 < capped.chars <= 1000
+
+
+def test_max_shards_reads_a_seeded_subset_of_files(tmp_path):
+    paths = [Path(f"c/part-{k}.jsonl.zst") for k in range(10)]
+    three = choose_shards(paths, tiny_config(tmp_path, max_shards=3))
+    assert len(three) == 3 and three == sorted(three) and set(three) < set(paths)
+    assert choose_shards(paths[::-1], tiny_config(tmp_path, max_shards=3)) == three  # order-independent
+    assert choose_shards(paths, tiny_config(tmp_path, max_shards=3, seed=9)) != three
+    assert choose_shards(paths, tiny_config(tmp_path)) == paths  # 0: all
 
 
 def test_bad_records_are_counted_not_fatal(tmp_path):
@@ -167,6 +195,7 @@ def test_unigram_trains_and_loads(tmp_path):
         ("special_tokens=[x, x]", "special_tokens[1]"),
         ("special_tokens=['<|eos|>']", "special_tokens[0]"),
         ("model_type=wordpiece", "model_type"),
+        ("max_shards=-1", "max_shards"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, override, key):
@@ -178,6 +207,11 @@ def test_config_errors_name_the_key(tmp_path, override, key):
 
 
 def test_user_errors(tmp_path):
+    folder = write_corpus(tmp_path / "cut", n=300)
+    data = (folder / "sample.jsonl.zst").read_bytes()
+    (folder / "sample.jsonl.zst").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="sample.jsonl.zst: unreadable: truncated zstd"):
+        train_tokenizer(tiny_config(tmp_path, inputs=[str(folder)]))
     with pytest.raises(ConfigError, match="matches no cleaned shard"):
         train_tokenizer(TokenizerConfig(name="t", inputs=[str(tmp_path / "nothing*.jsonl.zst")]))
     with pytest.raises(DataError, match="no tokenizer.json"):
@@ -197,7 +231,8 @@ def test_shipped_config_loads():
 
 
 def real_texts(raw: Path, limit: int = 5000) -> list[str]:
-    """English, multilingual web and Chinese text from ../shared/data/raw, cut to `limit` characters each."""
+    """English and multilingual web text (C4, Dolma, RedPajama, CCNet, OSCAR), Chinese SFT text and raw
+    wikitext (zhwiki, enwiki, ltgwiki) from ../shared/data/raw, cut to `limit` characters each."""
     import zstandard
 
     texts = [json.loads(line)["text"] for line in (raw / "web/c4-en-sample.jsonl").open(encoding="utf-8")][
@@ -208,10 +243,16 @@ def real_texts(raw: Path, limit: int = 5000) -> list[str]:
     with (raw / "web/oscar-2201-multilingual-sample.jsonl.zst").open("rb") as fh:
         lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8")
         texts += [json.loads(line)["content"] for line in lines]
+    for name in ("redpajama-cc-2023-06-sample.jsonl",):
+        texts += [json.loads(line)["text"] for line in (raw / "web" / name).open(encoding="utf-8")][:100]
+    with gzip.open(raw / "web/ccnet-cc_en_head-0091.jsonl.gz", "rt", encoding="utf-8") as fh:
+        texts += [json.loads(line)["text"] for line in fh][:50]
     zh = json.loads((raw / "sft/alpaca_zh_demo.json").read_text(encoding="utf-8"))[:150]
     texts += [f"{x['instruction']}\n{x['input']}\n{x['output']}" for x in zh]
     wiki = (raw / "wiki/zhwiki-test-pages.xml").read_text(encoding="utf-8")[:100_000]
     with bz2.open(raw / "wiki/enwiki-table-markup.xml.bz2", "rt", encoding="utf-8") as fh:
+        wiki += fh.read()[:100_000]
+    with bz2.open(raw / "wiki/ltgwiki-pages-articles.xml.bz2", "rt", encoding="utf-8") as fh:
         wiki += fh.read()[:100_000]
     texts += [wiki[i : i + limit] for i in range(0, len(wiki), limit)]
     return [t[:limit] for t in texts]

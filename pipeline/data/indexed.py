@@ -10,6 +10,8 @@ We write one sequence per document (no sentence splitting), so D1 = S + 1.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import struct
 from pathlib import Path
 
@@ -47,36 +49,78 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
+class IndexedWriter:
+    """Streams documents into `<prefix>.bin`; `finish()` then writes `<prefix>.idx`.
+
+    Both files are written to temp names and renamed, `.bin` first: a reader opens a pair through
+    its `.idx`, so it never sees a half-written shard. Memory holds only the document lengths. Use
+    it as a context manager: an exception before `finish()` removes the temp file. `bin_sha256` is
+    the sha256 of the `.bin`, computed while writing.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype):
+        self.prefix, self.dtype = Path(prefix), np.dtype(dtype)
+        self._range = np.iinfo(self.dtype)
+        self._stack = contextlib.ExitStack()
+        self._fh = self._stack.enter_context(atomic_write(bin_path(prefix)))
+        self._lengths: list[int] = []
+        self.tokens, self.bin_sha256, self.done = 0, hashlib.sha256(), False
+
+    def add(self, seq: np.ndarray) -> None:
+        """Append one document's tokens; DataError if an id does not fit the dtype."""
+        arr = np.asarray(seq)
+        if arr.size and (arr.min() < self._range.min or arr.max() > self._range.max):
+            raise DataError(
+                f"{self.prefix}: token id out of range for {self.dtype} ({arr.min()}..{arr.max()})"
+            )
+        if arr.size >= 2**31:
+            raise DataError(f"{self.prefix}: a document has {arr.size} tokens; .idx lengths are int32")
+        data = arr.astype(self.dtype, copy=False).tobytes(order="C")
+        self._fh.write(data)
+        self.bin_sha256.update(data)
+        self._lengths.append(arr.size)
+        self.tokens += arr.size
+
+    def finish(self) -> tuple[int, int]:
+        """Publish `.bin`, write `.idx`; returns (documents, tokens)."""
+        self._stack.close()  # fsync + rename of the .bin
+        self.done = True
+        lengths = np.asarray(self._lengths, dtype=np.int64)
+        pointers = np.zeros(len(lengths), dtype=np.int64)  # int64: Megatron PR #1673 overflow fix
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)  # one sequence per document
+        with atomic_write(idx_path(self.prefix)) as fh:
+            fh.write(MAGIC)
+            fh.write(struct.pack("<QBQQ", VERSION, CODE_OF[self.dtype], len(lengths), len(doc_idx)))
+            fh.write(lengths.astype("<i4").tobytes())
+            fh.write(pointers.astype("<i8").tobytes())
+            fh.write(doc_idx.astype("<i8").tobytes())
+        return len(lengths), self.tokens
+
+    def __enter__(self) -> IndexedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        """Discard the temp `.bin` unless finish() published it; nothing is left behind."""
+        if not self.done:
+            self.done = True
+            stop = DataError(f"{self.prefix}: writing abandoned")
+            self._stack.__exit__(DataError, stop, None)  # atomic_write removes its temp file
+
+
 def write_indexed(prefix: str | Path, sequences: list[np.ndarray], dtype: np.dtype) -> tuple[int, int]:
     """Write documents (one token array each) to `<prefix>.bin/.idx`, atomically.
 
     Returns (documents, tokens). Arrays are cast to `dtype`; ids that do not fit raise.
     """
-    dtype = np.dtype(dtype)
-    info = np.iinfo(dtype)
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    if lengths.size and lengths.max() >= 2**31:
-        raise DataError(f"{prefix}: a document has {lengths.max()} tokens; .idx lengths are int32")
-    with atomic_write(bin_path(prefix)) as fh:
+    with IndexedWriter(prefix, dtype) as writer:
         for seq in sequences:
-            arr = np.asarray(seq)
-            if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                raise DataError(f"{prefix}: token id out of range for {dtype} ({arr.min()}..{arr.max()})")
-            fh.write(arr.astype(dtype, copy=False).tobytes(order="C"))
-    pointers = np.zeros(len(sequences), dtype=np.int64)  # int64: Megatron PR #1673 overflow fix
-    if len(sequences) > 1:
-        np.cumsum(lengths[:-1] * dtype.itemsize, out=pointers[1:])
-    doc_idx = np.arange(len(sequences) + 1, dtype=np.int64)
-    with atomic_write(idx_path(prefix)) as fh:
-        fh.write(MAGIC)
-        fh.write(struct.pack("<Q", VERSION))
-        fh.write(struct.pack("<B", CODE_OF[dtype]))
-        fh.write(struct.pack("<Q", len(sequences)))
-        fh.write(struct.pack("<Q", len(doc_idx)))
-        fh.write(lengths.astype(np.int32).tobytes())
-        fh.write(pointers.tobytes())
-        fh.write(doc_idx.tobytes())
-    return len(sequences), int(lengths.sum())
+            writer.add(seq)
+        return writer.finish()
 
 
 class IndexedDataset:

@@ -2,22 +2,26 @@
 
 Each document becomes its SentencePiece ids followed by one EOS. A document goes to the valid
 split when a hash of its id falls below `valid_fraction`, so the split of a document never
-changes when the corpus grows. A shard is done when `<stem>.tokens.json` (written last) matches
-the cleaned shard, tokenizer and split settings; a re-run then returns its entries untouched.
+changes when the corpus grows. Documents are streamed to the output (memory holds one encode
+batch), into one `.bin/.idx` pair per split or, with `shard_tokens`, pairs of about that size.
+A shard is done when `<stem>.tokens.json` (written last) matches the cleaned shard, tokenizer,
+split and size settings; a re-run then returns its entries untouched.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data.config import TokenizeConfig
-from pipeline.data.indexed import bin_path, dtype_for_vocab, idx_path, write_indexed
+from pipeline.data.indexed import IndexedWriter, bin_path, dtype_for_vocab, idx_path
 from pipeline.data.manifest import write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import read_jsonl_zst, sha256_file, write_json
@@ -65,6 +69,28 @@ def _records(src: Path):
         raise DataError(f"{src}: unreadable after record {n}: {exc}") from None
 
 
+def check_complete(src: Path) -> None:
+    """DataError unless every zstd frame of `src` ends: a truncated .zst otherwise reads as fewer
+    (or no) records without any error, and the missing documents would vanish silently."""
+    import zstandard
+
+    d = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        with open(src, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                while chunk:  # concatenated frames: a fresh decompressor for each
+                    d.decompress(chunk)
+                    chunk = d.unused_data if d.eof else b""
+                    if chunk:
+                        d = zstandard.ZstdDecompressor().decompressobj()
+    except zstandard.ZstdError as exc:
+        raise DataError(f"{src}: unreadable zstd ({exc})") from None
+    if not d.eof:
+        raise DataError(
+            f"{src}: unreadable: truncated zstd stream (its last frame never ends); run the clean step again"
+        )
+
+
 def _documents(src: Path, bad: Counter):
     """Yield (doc id, text); records without a string text are counted under `no_text` and skipped."""
     for n, row in _records(src):
@@ -91,31 +117,84 @@ def _batches(items, size: int):
         yield batch
 
 
-def encode_shard(
-    src: Path, sp, cfg: TokenizeConfig, dtype: np.dtype
-) -> tuple[dict[str, list[np.ndarray]], Counter]:
-    """Token arrays (ids + EOS) per split, in document order, and the counts of record problems."""
-    out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+class SplitShards:
+    """One split's output of one cleaned shard: documents streamed into `<stem>.<split>.bin/.idx`,
+    or, with `shard_tokens`, into `<stem>.<split>.0000`, `.0001`, ... of about that many tokens each
+    (a document is never cut: a shard ends after the document that reaches the limit)."""
+
+    def __init__(self, out_dir: Path, stem: str, split: str, dtype: np.dtype, shard_tokens: int, source: str):
+        self.out_dir, self.stem, self.split, self.dtype = out_dir, stem, split, dtype
+        self.shard_tokens, self.source = shard_tokens, source
+        self.entries: list[dict] = []
+        self.writer: IndexedWriter | None = None
+
+    def prefix(self, k: int) -> Path:
+        name = f"{self.stem}.{self.split}" + (f".{k:04d}" if self.shard_tokens else "")
+        return self.out_dir / name
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self.writer is None:
+            self.writer = IndexedWriter(self.prefix(len(self.entries)), self.dtype)
+        self.writer.add(tokens)
+        if self.shard_tokens and self.writer.tokens >= self.shard_tokens:
+            self._close()
+
+    def _close(self) -> None:
+        writer, self.writer = self.writer, None
+        docs, tokens = writer.finish()
+        sums = {"bin": writer.bin_sha256.hexdigest(), "idx": sha256_file(idx_path(writer.prefix))}
+        self.entries.append(
+            {
+                "split": self.split,
+                "prefix": writer.prefix.name,
+                "source": self.source,
+                "documents": docs,
+                "tokens": tokens,
+                "sha256": sums,
+            }
+        )
+
+    def finish(self) -> list[dict]:
+        """Close the last shard; returns one manifest entry per shard written (none for an empty split)."""
+        if self.writer is not None:
+            self._close()
+        return self.entries
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def encode_shard(src: Path, sp, cfg: TokenizeConfig, outputs: dict[str, SplitShards]) -> Counter:
+    """Stream every document's ids + EOS into its split's output, in document order; returns record problems."""
     bad: Counter = Counter()
-    eos = sp.eos_id()
+    eos, dtype = sp.eos_id(), outputs["train"].dtype
     for batch in _batches(_documents(src, bad), cfg.batch_size):
         # one thread: a Ray task owns one CPU, and the output must not depend on threading
         ids = sp.encode([text for _, text in batch], num_threads=1)
         for (doc_id, _), toks in zip(batch, ids):
-            split = "valid" if is_valid(doc_id, cfg.valid_fraction) else "train"
             arr = np.empty(len(toks) + 1, dtype=dtype)
             arr[:-1] = toks
             arr[-1] = eos
-            out[split].append(arr)
-    return out, bad
+            outputs["valid" if is_valid(doc_id, cfg.valid_fraction) else "train"].add(arr)
+    return bad
 
 
-def _done_key(src: Path, fp: str, cfg: TokenizeConfig) -> dict:
+def _remove_outputs(out_dir: Path, stem: str) -> None:
+    """Delete this shard's token files from an earlier run (other settings may have named them differently)."""
+    pattern = re.compile(re.escape(stem) + r"\.(train|valid)(\.\d{4})?\.(bin|idx)")
+    for p in out_dir.glob(f"{glob.escape(stem)}.*"):
+        if pattern.fullmatch(p.name):
+            p.unlink(missing_ok=True)
+
+
+def _done_key(src: Path, fp: str, cfg: TokenizeConfig, shard_tokens: int) -> dict:
     return {
         "source": src.name,
         "source_sha256": sha256_file(src),
         "tokenizer": fp,
         "valid_fraction": cfg.valid_fraction,
+        "shard_tokens": shard_tokens,
     }
 
 
@@ -133,38 +212,39 @@ def _finished(marker: Path, key: dict, out_dir: Path) -> list[dict] | None:
     return done["entries"]
 
 
-def tokenize_file(src: Path, out_dir: Path, cfg: TokenizeConfig) -> list[dict]:
-    """Write `<out_dir>/<stem>.train|valid.bin/.idx`; returns one manifest entry per split written."""
+def tokenize_file(src: Path, out_dir: Path, cfg: TokenizeConfig, *, shard_tokens: int = 0) -> list[dict]:
+    """Write `<out_dir>/<stem>.train|valid[.NNNN].bin/.idx`; returns one manifest entry per shard written.
+
+    `shard_tokens` > 0 cuts each split into shards of about that many tokens (0: one per split).
+    Documents are streamed: memory holds one encode batch, whatever the size of the shard.
+    """
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_file():
         raise DataError(f"{src}: cleaned shard not found")
+    if shard_tokens < 0:
+        raise ConfigError(
+            "tokenize.shard_tokens", f"must be >= 0 (0: one shard per split), got {shard_tokens}"
+        )
     sp, fp = _open_tokenizer(cfg)
     stem, marker = shard_stem(src), out_dir / f"{shard_stem(src)}.tokens.json"
-    key = _done_key(src, fp, cfg)
+    key = _done_key(src, fp, cfg, shard_tokens)
     if (entries := _finished(marker, key, out_dir)) is not None:
         log.info("%s: already tokenized, skipped", src.name)
         return entries
+    check_complete(src)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    _remove_outputs(out_dir, stem)  # no stale shard of an earlier run is left beside the new ones
     dtype = dtype_for_vocab(sp.get_piece_size())
-    per_split, bad = encode_shard(src, sp, cfg, dtype)
-    entries = []
-    for split in SPLITS:
-        prefix = out_dir / f"{stem}.{split}"
-        if not per_split[split]:  # nothing for this split: leave no (stale) files behind
-            for p in (bin_path(prefix), idx_path(prefix)):
-                p.unlink(missing_ok=True)
-            continue
-        docs, tokens = write_indexed(prefix, per_split[split], dtype)
-        sums = {"bin": sha256_file(bin_path(prefix)), "idx": sha256_file(idx_path(prefix))}
-        entries.append(
-            {
-                "split": split,
-                "prefix": prefix.name,
-                "source": src.name,
-                "documents": docs,
-                "tokens": tokens,
-                "sha256": sums,
-            }
-        )
+    outputs = {s: SplitShards(out_dir, stem, s, dtype, shard_tokens, src.name) for s in SPLITS}
+    try:
+        bad = encode_shard(src, sp, cfg, outputs)
+        entries = [e for s in SPLITS for e in outputs[s].finish()]
+    except BaseException:  # a shard is all or nothing: drop its temp file and any finished pieces
+        for out in outputs.values():
+            out.abort()
+        _remove_outputs(out_dir, stem)
+        raise
     if bad:  # no_text: skipped; no_id: kept, split by a hash of its text
         log.warning("%s: record problems %s", src.name, dict(bad))
     write_json(marker, {"key": key, "entries": entries, "problems": dict(bad)})

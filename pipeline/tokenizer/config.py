@@ -32,6 +32,9 @@ class TokenizerConfig:
     model_type: Literal["bpe", "unigram"] = "bpe"
     """SentencePiece algorithm. The Hugging Face copy gives the same ids as SentencePiece for bpe; for
     unigram it can differ in rare spots (see pipeline/tokenizer/hf.py), so prefer bpe."""
+    max_shards: int = 0
+    """Read at most this many of the input shards, chosen by a seeded hash of their file names
+    (0: all). Bounds the reading on a huge corpus; the documents are then sampled from those."""
     sample_docs: int = 100_000
     """Train on at most this many documents, chosen by a seeded hash of their ids (not the first N)."""
     max_chars: int = 100_000_000
@@ -63,6 +66,8 @@ class TokenizerConfig:
             )
         if self.vocab_size >= 2**31:
             raise ConfigError("vocab_size", f"must fit int32 token ids, got {self.vocab_size}")
+        if self.max_shards < 0:
+            raise ConfigError("max_shards", f"must be >= 0 (0: all shards), got {self.max_shards}")
         if self.sample_docs < 1 or self.max_chars < 1:
             raise ConfigError("sample_docs" if self.sample_docs < 1 else "max_chars", "must be >= 1")
         if not 0.9 <= self.character_coverage <= 1.0:

@@ -57,6 +57,13 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return sorted(found)
 
 
+def choose_shards(paths: list[Path], cfg: TokenizerConfig) -> list[Path]:
+    """The `cfg.max_shards` shards with the smallest seeded hash of their file name (all when 0), sorted."""
+    if not cfg.max_shards or len(paths) <= cfg.max_shards:
+        return paths
+    return sorted(sorted(paths, key=lambda p: sample_key(cfg.seed, p.name))[: cfg.max_shards])
+
+
 def sample_key(seed: int, doc_id: str) -> bytes:
     """Seeded, stable sort key of a document: the sample keeps the smallest keys."""
     return hashlib.blake2b(f"{seed}\x00{doc_id}".encode(), digest_size=16).digest()
@@ -64,7 +71,10 @@ def sample_key(seed: int, doc_id: str) -> bytes:
 
 def _iter_texts(paths: list[Path], bad: Counter):
     """Yield (doc id, text) from every shard; records without a string text are counted in `bad`."""
+    from pipeline.data.tokenize import check_complete
+
     for path in paths:
+        check_complete(path)  # a truncated .zst would read as fewer documents, silently
         for line_no, row in enumerate(read_jsonl_zst(path), start=1):
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str) or not text:
@@ -151,7 +161,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> Path:
     """Sample, train and write `<output_root>/<name>/` (atomically); returns that folder."""
     from pipeline.tokenizer import hf
 
-    paths = resolve_inputs(cfg.inputs)
+    paths = choose_shards(resolve_inputs(cfg.inputs), cfg)
     sample = sample_documents(paths, cfg)
     log.info(
         "tokenizer %s: sampled %d of %d documents (%d chars, %d lines) from %d shards; bad records %s",
