@@ -1,11 +1,14 @@
-"""Prepare training data on Ray: raw dumps -> cleaned shards -> token shards + manifest.
+"""Prepare training data on Ray: raw dumps -> cleaned shards -> dedup -> token shards + manifest.
 
     python launch/prepare_data.py --config configs/data/wiki_sample.yaml
-    python launch/prepare_data.py --config configs/data/wiki_sample.yaml steps=[clean] ray.num_cpus=4
+    python launch/prepare_data.py --config configs/data/all_samples.yaml ray.num_cpus=4
+    python launch/prepare_data.py --config configs/data/all_samples.yaml ray.address=auto
 
-Writes <output_dir>/{config.yaml, cleaned/*.jsonl.zst + *.stats.json, tokens/, report.json}.
-Runs on a local Ray instance by default (ray.address=auto joins a running cluster). Running it
-again skips the shards that are already done, so an interrupted job just needs a re-run.
+Writes <output_dir>/{config.yaml, cleaned/*.jsonl.zst + *.stats.json, deduped/, tokens/,
+report.json, report.md, report.png}. Reads Wikipedia XML, WARC/WET, JSONL, Parquet and saved
+`datasets` (format: auto picks by file name). Runs on a local Ray instance by default
+(ray.address=auto joins a running cluster). Running it again skips the shards that are already
+done, so an interrupted job just needs a re-run.
 """
 
 from __future__ import annotations

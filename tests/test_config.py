@@ -48,9 +48,10 @@ def test_wrong_type_names_key_and_value(tmp_path):
 
 
 def test_literal_and_list_types(tmp_path):
-    assert "format: must be one of ['wikipedia'], got 'warc'" in error_of(tmp_path, BASE + "format: warc\n")
-    assert "steps[0]: must be one of ['clean', 'tokenize'], got 'dedup'" in error_of(
-        tmp_path, BASE.replace("[clean]", "[dedup]")
+    formats = "['auto', 'wikipedia', 'jsonl', 'parquet', 'hf_disk', 'warc', 'wet']"
+    assert f"format: must be one of {formats}, got 'html'" in error_of(tmp_path, BASE + "format: html\n")
+    assert "steps[0]: must be one of ['clean', 'dedup', 'tokenize'], got 'shuffle'" in error_of(
+        tmp_path, BASE.replace("[clean]", "[shuffle]")
     )
     assert "inputs: must be a list, got str" in error_of(tmp_path, BASE.replace("[a.xml.bz2]", "a.xml.bz2"))
 
@@ -84,8 +85,9 @@ def test_validate_errors_carry_the_section_path(tmp_path):
         tmp_path, BASE, ("tokenize.valid_fraction=1.5",)
     )
     assert "ray.num_cpus: must be >= 1" in error_of(tmp_path, BASE, ("ray.num_cpus=0",))
-    assert "steps: must be ['clean'], ['tokenize'] or ['clean', 'tokenize']" in error_of(
-        tmp_path, BASE, ("steps=[tokenize,clean]",)
+    assert (
+        "steps: must be in the order ['clean', 'dedup', 'tokenize'], got ['tokenize', 'clean']"
+        in error_of(tmp_path, BASE, ("steps=[tokenize,clean]",))
     )
 
 

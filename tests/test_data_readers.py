@@ -14,8 +14,8 @@ from pipeline.errors import DataError
 WIKI = {  # file -> (records, kept, dropped); from SOURCES.md: pages, ns-0 pages, redirects
     "enwiki-pages-articles1-p10p30302-shortened.xml.bz2": (
         206,
-        106,
-        {"not_main_namespace": 1, "redirect": 99},
+        98,  # 106 articles, of which 8 are disambiguation pages ({{disambiguation}}, {{geodis}})
+        {"not_main_namespace": 1, "redirect": 99, "disambiguation": 8},
     ),
     "enwiki-table-markup.xml.bz2": (5, 5, {}),
     "ltgwiki-pages-articles.xml.bz2": (2004, 903, {"not_main_namespace": 954, "redirect": 147}),
@@ -67,6 +67,20 @@ def test_redirect_text_and_tag_are_both_dropped(tmp_path):
         "timestamp": "2020-01-02T00:00:00Z",
         "language": "en",
     }
+
+
+def test_disambiguation_pages_are_dropped_unless_asked_to_keep(tmp_path):
+    pages = [
+        *ARTICLES[:2],
+        ("Mercury", 0, 7, "Mercury may refer to:\n* [[Mercury (planet)]]\n{{Disambiguation|astro}}"),
+        ("Aa", 0, 8, "Aa rivers:\n{{geodis}}"),
+        ("Ok", 0, 9, "Uses {{Infobox river}} and {{disambiguation needed}} inline. " * 3),
+    ]
+    (tmp_path / "d.xml").write_text(make_dump(pages))
+    reader = WikipediaReader(tmp_path / "d.xml")
+    assert [d.meta["title"] for d in reader] == ["Article 1", "Article 2", "Ok"]
+    assert reader.counts.dropped == {"disambiguation": 2}
+    assert len(list(WikipediaReader(tmp_path / "d.xml", skip_disambiguation=False))) == 5
 
 
 def test_truncated_bz2_keeps_pages_before_the_cut(raw_samples, tmp_path, caplog):
@@ -178,3 +192,25 @@ def test_page_url():
     )
     assert page_url("https://example.org", "X") is None
     assert page_url(None, "X") is None
+
+
+def test_multistream_ranges_read_every_page_once(tmp_path):
+    from data_helpers import make_multistream
+
+    from pipeline.data.multistream import index_path, stream_ranges
+
+    pages = [(f"Page {i}", 0 if i % 7 else 1, i, f"Text of page {i}. " * 10) for i in range(1, 96)]
+    dump = make_multistream(tmp_path, pages, per_stream=10)
+    assert index_path(dump).name == "testwiki-pages-articles-multistream-index.txt.bz2"
+    whole = WikipediaReader(dump)
+    expected = [d.id for d in whole]
+    ranges = stream_ranges(dump, streams_per_task=3)
+    assert len(ranges) == 4 and ranges[0][0] > 0 and ranges[-1][1] < dump.stat().st_size  # no header/footer
+    ids, counts = [], []
+    for r in ranges:
+        reader = WikipediaReader(dump, byte_range=r)
+        ids += [d.id for d in reader]
+        counts.append(reader.counts)
+    assert ids == expected and len(ids) == 95 - 13
+    assert sum(c.total_in for c in counts) == whole.counts.total_in == 95
+    assert all(c.errors == {} for c in counts)

@@ -146,3 +146,172 @@ def test_clean_then_tokenize_writes_a_manifest(ray_local, inputs, tmp_path):
     manifest = verify_manifest(tmp_path / "out" / "tokens")
     assert report["tokenize"]["entries"] >= 3
     assert sum(t["documents"] for t in manifest["totals"].values()) == report["clean"]["totals"]["kept"]
+
+
+@pytest.fixture
+def mixed_inputs(tmp_path) -> list[str]:
+    """A wiki dump, two JSONL files sharing documents (exact and near copies) and a WARC file."""
+    from data_helpers import html_response, jsonl_bytes, make_multistream, warc_gz, warc_record
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "wiki.xml").write_text(make_dump([*ARTICLES, ("Short", 0, 9, "tiny")], dbname="alphawiki"))
+    story = " ".join(
+        f"The mill number {i} ground flour for the town and the river turned its wheel." for i in range(30)
+    )
+    rows_a = [{"text": story}, {"text": f"A different story about boats. {story[:300]} Boats float."}]
+    rows_b = [
+        {"text": story.upper()},
+        {"text": story.replace("number 7 ", "number seven ")},
+        {"text": "x" * 250},
+    ]
+    (folder / "a.jsonl").write_bytes(jsonl_bytes(rows_a))
+    (folder / "b.jsonl.gz").write_bytes(__import__("gzip").compress(jsonl_bytes(rows_b)))
+    records = [warc_record("response", f"https://x.test/{i}", html_response(i)) for i in range(3)]
+    (folder / "crawl.warc.gz").write_bytes(warc_gz(records))
+    pages = [(f"M {i}", 0, 500 + i, f"Multistream page {i} says {i * 7} things. " * 6) for i in range(30)]
+    make_multistream(folder, pages, per_stream=10)  # 3 streams: 3 tasks with streams_per_task=1
+    return [
+        str(folder / "*.xml"),
+        str(folder / "*.jsonl*"),
+        str(folder / "*.warc.gz"),
+        str(folder / "*.xml.bz2"),
+    ]
+
+
+def mixed_cfg(inputs: list[str], out: Path, workers: int) -> DataConfig:
+    cfg = clean_cfg(inputs, out, workers)
+    cfg.steps = ["clean", "dedup"]
+    cfg.filters.fineweb.enabled = True
+    cfg.filters.pii.enabled = True
+    cfg.filters.skip_sources = ["wikipedia"]
+    cfg.read.streams_per_task = 1
+    return cfg
+
+
+def all_bytes(out: Path) -> dict[str, bytes]:
+    return {
+        f"{p.parent.name}/{p.name}": p.read_bytes()
+        for d in ("cleaned", "deduped")
+        for p in sorted((out / d).iterdir())
+    }
+
+
+@pytest.mark.ray
+def test_mixed_formats_with_dedup_same_bytes_with_1_or_2_workers(ray_local, mixed_inputs, tmp_path):
+    from pipeline.data.runner import prepare_data
+
+    one = prepare_data(mixed_cfg(mixed_inputs, tmp_path / "w1", 1))
+    prepare_data(mixed_cfg(mixed_inputs, tmp_path / "w2", 2))
+    first = all_bytes(tmp_path / "w1")
+    assert first == all_bytes(tmp_path / "w2") and "deduped/b.jsonl.zst" in first
+    clean, dedup = one["clean"], one["dedup"]
+    assert {s["format"] for s in clean["shards"].values()} == {"wikipedia", "jsonl", "warc"}
+    ranges = sorted(name for name in clean["shards"] if "@" in name)  # one shard per stream range
+    assert len(ranges) == 3 and all(clean["shards"][r]["totals"]["kept"] == 10 for r in ranges)
+    assert_accounting(clean["totals"]["in"], range(clean["totals"]["kept"]), clean["totals"])
+    assert dedup["totals"]["in"] == clean["totals"]["kept"]
+    assert dedup["totals"]["dropped"] == {"dup_exact": 1, "dup_near": 1}  # b/1 (upper case), b/2 (one word)
+    assert dedup["clusters"]["clusters"] == 1 and dedup["clusters"]["largest"] == 3
+    funnel = [r["name"] for r in __import__("pipeline.data.report", fromlist=["funnel"]).funnel(one)]
+    assert funnel[:3] == ["read", "html", "wikitext"] and funnel[-1] == "dedup"
+    md = (tmp_path / "w1" / "report.md").read_text()
+    assert "| dedup |" in md and "1 duplicate clusters holding 3 documents" in md
+    assert (tmp_path / "w1" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # resume: a lost deduped shard is rewritten from the same decisions
+    (tmp_path / "w2" / "deduped" / "b.jsonl.zst").unlink()
+    again = prepare_data(mixed_cfg(mixed_inputs, tmp_path / "w2", 2))
+    assert all_bytes(tmp_path / "w2") == first and again["clean"]["shards_skipped"] == 7
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_real_sample_in_one_job(ray_local, raw_samples, tmp_path, monkeypatch):
+    """configs/data/all_samples.yaml: every reader, filter and dedup over ../shared/data/raw."""
+    from pipeline.data.runner import prepare_data
+
+    monkeypatch.chdir(REPO)  # the config's paths are relative to the repo
+    cfg = load_config(DataConfig, REPO / "configs" / "data" / "all_samples.yaml", [f"output_dir={tmp_path}"])
+    report = prepare_data(cfg)
+    clean = report["clean"]
+    assert len(clean["shards"]) == 18 and clean["totals"]["errors"] == {}
+    formats = {s["format"] for s in clean["shards"].values()}
+    assert formats == {"wikipedia", "jsonl", "warc", "wet"}
+    assert_accounting(clean["totals"]["in"], range(clean["totals"]["kept"]), clean["totals"])
+    names = [s["name"] for s in clean["stages"]]
+    for stage in (
+        "html",
+        "wikitext",
+        "langid",
+        "gopher_repetition",
+        "gopher_quality",
+        "c4",
+        "fineweb",
+        "pii",
+    ):
+        assert stage in names
+    assert report["dedup"]["totals"]["in"] == clean["totals"]["kept"] > 300
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.png").is_file()
+
+
+CLUSTER_JOB = """
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+sys.path.insert(0, {tests!r})
+from test_data_runner import mixed_cfg
+from pipeline.data.runner import prepare_data
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+cfg = mixed_cfg({inputs!r}, Path({out!r}), 2)
+cfg.ray.address, cfg.ray.num_cpus = cluster.address, None  # join it, as ray.address=... does
+report = prepare_data(cfg)
+ray.init(address=cluster.address)
+alive = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps({{"nodes": len(alive), "cpus": ray.cluster_resources()["CPU"], "kept": report["dedup"]["totals"]["kept"]}}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_node_cluster_gives_the_same_bytes(ray_local, mixed_inputs, tmp_path):
+    """A real 2-node Ray cluster (ray.cluster_utils.Cluster, in a child process because this one
+    already holds the session's local Ray), joined through ray.address."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.data.runner import prepare_data
+
+    prepare_data(mixed_cfg(mixed_inputs, tmp_path / "local", 2))
+    script = CLUSTER_JOB.format(tests=str(REPO / "tests"), inputs=mixed_inputs, out=str(tmp_path / "cluster"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["nodes"] == 2 and result["cpus"] == 2.0
+    assert all_bytes(tmp_path / "cluster") == all_bytes(tmp_path / "local")
+
+
+@pytest.mark.ray
+def test_clean_dedup_tokenize_reads_the_deduped_shards(ray_local, mixed_inputs, tmp_path):
+    from dist_helpers import make_tokenizer_dir
+
+    from pipeline.data.manifest import verify_manifest
+    from pipeline.data.runner import prepare_data
+
+    tok = make_tokenizer_dir(tmp_path / "tok", [ARTICLES[0][3]] * 50 + ["The mill ground flour."] * 50)
+    cfg = mixed_cfg(mixed_inputs, tmp_path / "out", 2)
+    cfg.steps, cfg.tokenize.tokenizer = ["clean", "dedup", "tokenize"], tok
+    report = prepare_data(cfg)
+    manifest = verify_manifest(tmp_path / "out" / "tokens")
+    assert sum(t["documents"] for t in manifest["totals"].values()) == report["dedup"]["totals"]["kept"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import ARTICLES, assert_accounting, make_dump
 
-from pipeline.data.config import CleanConfig
+from pipeline.data.config import CleanConfig, DataConfig
 from pipeline.data.shards import clean_file, shard_paths
 from pipeline.errors import DataError
 from pipeline.io import read_jsonl_zst
@@ -18,14 +18,16 @@ PAGES = [
 ]
 
 
-def run(src, out, **kw):
-    args = {
-        "fmt": "wikipedia",
-        "clean": CleanConfig(min_chars=100),
-        "cfg_hash": "h1",
-        "max_error_fraction": 0.01,
-    }
-    return clean_file(src, out, **{**args, **kw})
+def run(src, out, cfg_hash="h1", clean=None, max_error_fraction=0.01):
+    cfg = DataConfig(
+        inputs=[str(src)],
+        output_dir=out,
+        format="wikipedia",
+        steps=["clean"],
+        max_error_fraction=max_error_fraction,
+        clean=clean or CleanConfig(min_chars=100),
+    )
+    return clean_file(src, out, cfg, cfg_hash)
 
 
 @pytest.fixture

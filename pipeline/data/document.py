@@ -19,6 +19,8 @@ class Document:
     """Where the document comes from (e.g. "wikipedia")."""
     meta: dict = field(default_factory=dict)
     """Title, url, timestamp, language, scores... (JSON-safe values only)."""
+    features: object = field(default=None, init=False, repr=False, compare=False)
+    """Per-document text features shared by the quality filters (quality.features_of); never written."""
 
     def to_dict(self) -> dict:
         return {"id": self.id, "text": self.text, "source": self.source, "meta": self.meta}

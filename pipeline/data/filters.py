@@ -1,7 +1,8 @@
 """Cleaning stages: text normalization and document filters, registered by short name.
 
 `FILTERS` maps the short names a YAML config may use (`{name: min_length, min_chars: 200}`)
-to Stage classes; nothing is looked up by dotted path. Drop reasons are stable snake_case
+to Stage classes; nothing is looked up by dotted path. `build_quality` turns the `filters`
+config section into the quality chain (pipeline/data/quality.py, langid.py, pii.py). Drop reasons are stable snake_case
 nouns because they end up in `stats.json` and `report.json`.
 """
 
@@ -11,7 +12,7 @@ import re
 import unicodedata
 from dataclasses import replace
 
-from pipeline.data.config import CleanConfig
+from pipeline.data.config import CleanConfig, FiltersConfig
 from pipeline.data.document import Document
 from pipeline.data.stage import Stage
 
@@ -58,3 +59,29 @@ FILTERS: dict[str, type[Stage]] = {"normalize": Normalize, "min_length": MinLeng
 def build_filters(clean: CleanConfig) -> list[Stage]:
     """The cleaning chain that follows extraction, in order."""
     return [Normalize(), MinLength(clean.min_chars)]
+
+
+def build_quality(cfg: FiltersConfig) -> list[Stage]:
+    """The enabled quality filters in FineWeb's order: langid, Gopher repetition and quality, C4,
+    FineWeb, then PII redaction (which never drops)."""
+    from pipeline.data.quality import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
+
+    shared = {"skip_sources": cfg.skip_sources, "write_scores": cfg.write_scores}
+    stages: list[Stage] = []
+    if cfg.langid.enabled:
+        from pipeline.data.langid import LangIdFilter
+
+        stages.append(LangIdFilter(cfg.langid, write_scores=cfg.write_scores))
+    for section, cls in (
+        (cfg.gopher_repetition, GopherRepetition),
+        (cfg.gopher_quality, GopherQuality),
+        (cfg.c4, C4Quality),
+        (cfg.fineweb, FineWebQuality),
+    ):
+        if section.enabled:
+            stages.append(cls(section, **shared))
+    if cfg.pii.enabled:
+        from pipeline.data.pii import PiiRedactor
+
+        stages.append(PiiRedactor(cfg.pii))
+    return stages

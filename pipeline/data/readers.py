@@ -3,7 +3,7 @@
 `WikipediaReader` streams a MediaWiki XML export (`.xml`, `.xml.bz2` or `.xml.gz`) with
 `ElementTree.iterparse`, so memory stays flat however big the dump: each `<page>` is cleared
 after use and so is the root (which would otherwise keep one emptied child per page). Only
-articles (namespace 0) that are not redirects become documents; the rest are counted as drops.
+articles (namespace 0) that are neither redirects nor disambiguation pages become documents; the rest are counted as drops.
 A damaged file (truncated bz2, malformed XML, not XML at all) keeps the pages read before the
 damage, counts one error, logs the file and position, and ends the file; the runner decides
 whether the shard's error fraction is acceptable.
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 REDIRECT_RE = re.compile(r"\s*#\s*redirect\b", re.IGNORECASE)
+# {{Disambiguation}}, {{disambig|...}}, {{dab}}, {{hndis}}, {{geodis}}, {{numberdis}} and the like
+DISAMBIG_RE = re.compile(
+    r"\{\{\s*(?:disambiguation|disambig|disamb|dab|[a-z]*dis|[a-z -]*disambiguation)\s*(?:\||\}\})", re.I
+)
 _URL_SAFE = ";:@$!*(),/~'"  # what MediaWiki leaves unescaped in titles
 _STRIP_SUFFIXES = {".bz2", ".gz", ".zst", ".xz", ".xml", ".jsonl", ".json", ".txt"}
 
@@ -116,10 +120,15 @@ class WikipediaReader:
 
     name = "read"
 
-    def __init__(self, path: str | Path):
+    def __init__(
+        self, path: str | Path, skip_disambiguation: bool = True, byte_range: tuple[int, int] | None = None
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"input file not found: {self.path}")
+        self.skip_disambiguation = skip_disambiguation
+        self.byte_range = byte_range
+        """Multistream dumps: read only the bz2 streams in [start, end) (see multistream.py)."""
         self.site = read_siteinfo(self.path)
         self.wiki = self.site.get("dbname") or input_stem(self.path)
         self.counts = Counts()
@@ -129,7 +138,7 @@ class WikipediaReader:
         if self.path.stat().st_size == 0:
             log.warning("%s: empty file, no documents", self.path)
             return
-        raw, stream = _open_raw(self.path)
+        raw, stream = self._open()
         counter = _ByteCounter(stream)
         try:
             yield from self._pages(ET.iterparse(counter, events=("start", "end")))
@@ -142,6 +151,16 @@ class WikipediaReader:
         finally:
             stream.close()
             raw.close()
+
+    def _open(self):
+        if self.byte_range is None:
+            return _open_raw(self.path)
+        from pipeline.data.multistream import RangeStream, root_tag
+
+        start, end = self.byte_range
+        head = root_tag(self.path)
+        raw = open(self.path, "rb")  # noqa: SIM115 - closed by __iter__
+        return raw, RangeStream(raw, start, end, head)
 
     def _pages(self, events) -> Iterator[Document]:
         root, ns = None, ""
@@ -187,6 +206,8 @@ class WikipediaReader:
             return "empty_text"
         if REDIRECT_RE.match(text):
             return "redirect"
+        if self.skip_disambiguation and DISAMBIG_RE.search(text):
+            return "disambiguation"
         page_id = (page.findtext(ns + "id") or "").strip()
         if not page_id:
             raise _BadRecord("missing_page_id")
