@@ -78,7 +78,9 @@ def chain(tmp_path_factory) -> Path:
 def test_token_shards_decode_back_to_the_cleaned_text(chain):
     from transformers import AutoTokenizer
 
-    cleaned = sorted(row["text"] for f in (chain / "out/cleaned").glob("*.jsonl.zst") for row in read_jsonl_zst(f))
+    cleaned = sorted(
+        row["text"] for f in (chain / "out/cleaned").glob("*.jsonl.zst") for row in read_jsonl_zst(f)
+    )
     assert len(cleaned) > 200
     tokens = chain / "out/tokens"
     manifest = verify_manifest(tokens)
@@ -116,5 +118,7 @@ def test_finetuned_export_loads_and_generates(chain):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert out.shape[1] > ids.shape[1]
-    text = python("launch/generate.py", "--model", str(hf), "--prompt", "What is json for?", "--max-new-tokens", "16")
+    text = python(
+        "launch/generate.py", "--model", str(hf), "--prompt", "What is json for?", "--max-new-tokens", "16"
+    )
     assert text.strip(), "generate.py printed nothing"
