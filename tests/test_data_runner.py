@@ -285,17 +285,25 @@ def test_two_node_cluster_gives_the_same_bytes(ray_local, mixed_inputs, tmp_path
     already holds the session's local Ray), joined through ray.address."""
     import json
     import os
+    import shutil
     import subprocess
     import sys
+    import tempfile
 
     from pipeline.data.runner import prepare_data
 
     prepare_data(mixed_cfg(mixed_inputs, tmp_path / "local", 2))
     script = CLUSTER_JOB.format(tests=str(REPO / "tests"), inputs=mixed_inputs, out=str(tmp_path / "cluster"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
-    )
+    # A private Ray temp dir (short: Ray's socket paths must stay under ~107 bytes), so the cluster's
+    # address file never leads another Ray on this machine to join it.
+    ray_tmp = tempfile.mkdtemp(prefix="gmray")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["nodes"] == 2 and result["cpus"] == 2.0
