@@ -1,10 +1,12 @@
 """Pretrain a Llama-family model on token shards with DeepSpeed (ZeRO-3 by default).
 
     DS_ACCELERATOR=cpu deepspeed -q --num_gpus 2 launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml
-    python launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml --check     # plan only
+    python launch/pretrain.py --config configs/pretrain/tiny_cpu.yaml --check --world-size 8  # plan only
 
-Writes runs/<run.name>/{config.yaml,metrics.jsonl,checkpoints/}; starting it again resumes
-from checkpoints/latest (raise train.max_steps to train further).
+Writes runs/<run.name>/{config.yaml,metrics.jsonl,status.json,checkpoints/}; starting it again
+resumes from checkpoints/latest (raise train.max_steps to train further), also on another number
+of ranks. Exit status: 0 done, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint (requeue), 3 stopped
+after train.max_nonfinite non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_args(parser)
     parser.add_argument("--check", action="store_true", help="print the resolved plan and exit")
+    parser.add_argument("--world-size", type=int, default=None, help="with --check: plan for this many ranks")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value in any order
 
     from pipeline import dist
     from pipeline.log import setup_logging
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("INFO")
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if args.check:
-        print(plan(cfg, dist.world_size()))
+        print(plan(cfg, args.world_size or dist.world_size()))
         return
     pretrain_worker(cfg)
 

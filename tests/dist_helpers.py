@@ -157,10 +157,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(args: list[str], *, num_ranks: int = 2, timeout: int = 300, cwd: Path = REPO):
+def run_launcher(
+    args: list[str], *, num_ranks: int = 2, timeout: int = 300, cwd: Path = REPO, env: dict | None = None
+):
     """`deepspeed -q --num_gpus N --master_port <free> <args>` on CPU; removes its /dev/shm segments."""
     port = free_port()
+    try:
+        return subprocess.run(
+            launcher_cmd(args, num_ranks, port),
+            env=worker_env(env),
+            cwd=cwd,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        remove_shm(port)
+
+
+def launcher_cmd(args: list[str], num_ranks: int, port: int) -> list[str]:
     deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [str(deepspeed), "-q", "--num_gpus", str(num_ranks), "--master_port", str(port), *args]
+
+
+def remove_shm(port: int) -> None:
+    """Delete DeepSpeed's shared-memory allreduce segments of a run on this master port."""
+    for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        seg.unlink(missing_ok=True)
+
+
+def make_corpus(root: Path, n_docs: int = 400, vocab_size: int = 300) -> Path:
+    """A real SentencePiece tokenizer and token shards (2 train shards, 1 valid) from tiny documents."""
+    texts = tiny_corpus(n_docs)
+    tok = make_tokenizer_dir(root / "tokenizer", texts, vocab_size=vocab_size)
+    docs = encode_docs(tok, texts)
+    cut = n_docs * 19 // 20
+    splits = {"train": [docs[: n_docs // 2], docs[n_docs // 2 : cut]], "valid": [docs[cut:]]}
+    return write_token_dir(root / "tokens", splits, vocab_size=vocab_size, tokenizer_dir=tok)
+
+
+def worker_env(extra: dict | None = None) -> dict:
+    """Environment of a trainer process on CPU: offline, one thread per rank, the repo importable."""
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -169,9 +206,24 @@ def run_launcher(args: list[str], *, num_ranks: int = 2, timeout: int = 300, cwd
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    cmd = [str(deepspeed), "-q", "--num_gpus", str(num_ranks), "--master_port", str(port), *args]
-    try:
-        return subprocess.run(cmd, env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True)
-    finally:
-        for seg in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            seg.unlink(missing_ok=True)
+    env.pop("GRISTMILL_FAULTS", None)
+    env.update(extra or {})
+    return env
+
+
+def run_single(args: list[str], *, env: dict | None = None, timeout: int = 300):
+    """`python <args>` as one rank without the launcher (a 1-rank process group on a free port)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        env=worker_env(env),
+        cwd=REPO,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

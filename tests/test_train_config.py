@@ -76,11 +76,40 @@ def test_seq_len_longer_than_model(tokens):
 
 
 def test_tp_must_divide_world(tokens):
+    tp = ("parallel.tp_size=2", "parallel.zero_stage=1", "model.overrides.tie_embeddings=false")
     with pytest.raises(ConfigError) as err:
-        resolve(load(tokens, "parallel.tp_size=2"), world_size=3)
+        resolve(load(tokens, *tp), world_size=3)
     assert err.value.key == "parallel.tp_size" and "divide the world size (3)" in err.value.msg
-    with pytest.raises(ConfigError, match="not supported by pretraining yet"):
-        resolve(load(tokens, "parallel.tp_size=2"), world_size=2)
+    r = resolve(load(tokens, *tp), world_size=4)
+    assert (r.derived.dp_size, r.derived.grad_accum) == (2, 2)
+
+
+def test_autotp_needs_untied_embeddings(tokens):
+    with pytest.raises(ConfigError) as err:
+        resolve(load(tokens, "parallel.tp_size=2", "parallel.zero_stage=1"), world_size=4)
+    assert err.value.key == "model.tie_embeddings" and "tie_embeddings: false" in err.value.msg
+
+
+def test_autotp_with_zero3_is_refused_at_load(tokens):
+    with pytest.raises(ConfigError) as err:
+        load(tokens, "parallel.tp_size=2")  # tiny_cpu is ZeRO-3
+    assert err.value.key == "parallel.tp_size" and "zero_stage 0, 1 or 2" in err.value.msg
+
+
+def test_model_size_configs(tokens):
+    from pipeline.model.flops import num_params
+
+    expect = {
+        "llama_125m": (0.09e9, 0.13e9),
+        "llama_350m": (0.3e9, 0.36e9),
+        "llama_1b3": (1.1e9, 1.35e9),
+        "llama_7b": (6.5e9, 7.5e9),
+    }
+    for name, (lo, hi) in expect.items():
+        model = load_model_config(load(tokens, f"model.file={REPO / 'configs/model' / name}.yaml").model)
+        model.vocab_size = 32000
+        assert lo < num_params(model) < hi, name
+        assert model.kv_heads < model.num_heads  # GQA
 
 
 def test_missing_manifest(tmp_path):
@@ -102,3 +131,19 @@ def test_fp16_refused_with_a_hint(tokens):
     with pytest.raises(ConfigError) as err:
         resolve(load(tokens, "parallel.precision=fp16"), world_size=1)
     assert err.value.key == "parallel.precision" and "bf16" in err.value.msg
+
+
+def test_blend_mixes_folders_by_weight_and_checks_the_tokenizer(tokens, tmp_path):
+    from pipeline.train.trainer import _loaders
+
+    web_docs = [np.full(49, 7) for _ in range(4)]
+    web = write_token_dir(tmp_path / "web", {"train": [web_docs], "valid": [web_docs[:1]]}, vocab_size=96)
+    blend = f"data.blend=[{{tokens: {tokens}, weight: 1}}, {{tokens: {web}, weight: 3}}]"
+    train, valid = _loaders(resolve(load(tokens, blend, "data.seq_len=8"), world_size=1))
+    rows = np.concatenate(
+        [b["input_ids"].numpy() for s in range(0, 400, 8) for b in train.micro_batches(s, 8, 8, 0, 1)]
+    )
+    web_share = float(np.mean((rows == 7).all(axis=1)))
+    assert abs(web_share - 0.75) < 0.02 and valid is not None
+    with pytest.raises(ConfigError, match=r"data.blend\[1\].weight: must be > 0"):
+        load(tokens, f"data.blend=[{{tokens: {tokens}}}, {{tokens: {web}, weight: 0}}]")

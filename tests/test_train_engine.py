@@ -11,13 +11,16 @@ from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
 from pipeline.train.engine import ds_config, param_groups, precision_supported
 
 
-def make(world_size=2, **parallel):
+def make(world_size=2, load_universal=False, **parallel):
+    p = ParallelConfig(**parallel)
+    p.validate()
     return ds_config(
         batch=BatchConfig(global_size=8, micro_size=2),
         optim=OptimConfig(lr=1e-3, grad_clip=0.5),
-        parallel=ParallelConfig(**parallel),
+        parallel=p,
         total_steps=100,
         world_size=world_size,
+        load_universal=load_universal,
     )
 
 
@@ -27,7 +30,7 @@ def test_zero3_bf16_dict():
     assert cfg["train_micro_batch_size_per_gpu"] == 2
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["zero_optimization"] == {"stage": 3}
-    assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": True} and "fp16" not in cfg
     assert cfg["gradient_clipping"] == 0.5
     opt = cfg["optimizer"]
     assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] is True
@@ -39,17 +42,59 @@ def test_zero3_bf16_dict():
         "warmup_steps": 10,
         "total_steps": 100,
         "schedule": "cosine",
+        "decay_fraction": 0.2,
     }
+    assert "checkpoint" not in cfg and "tensor_parallel" not in cfg
 
 
 def test_precisions_and_parallel_blocks():
     assert "bf16" not in make(precision="fp32") and "fp16" not in make(precision="fp32")
-    assert make(precision="fp16")["fp16"]["enabled"] is True
-    assert make(zero_stage=1)["zero_optimization"] == {"stage": 1}
-    tp = make(world_size=4, tp_size=2)
+    fp16 = make(precision="fp16", fp16_initial_scale_power=12, fp16_loss_scale_window=50)["fp16"]
+    assert fp16 == {
+        "enabled": True,
+        "loss_scale": 0,  # 0 = dynamic
+        "initial_scale_power": 12,
+        "loss_scale_window": 50,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
+    for stage in (1, 2, 3):
+        assert make(zero_stage=stage)["zero_optimization"] == {"stage": stage}
+    tp = make(world_size=4, tp_size=2, zero_stage=1)
     assert tp["tensor_parallel"] == {"autotp_size": 2} and tp["gradient_accumulation_steps"] == 2
-    assert "activation_checkpointing" in make(activation_checkpointing=True)
+    assert tp["train_batch_size"] == 16  # DeepSpeed's arithmetic: micro 2 x accum 2 x 4 ranks
+    assert make(world_size=2, tp_size=2, zero_stage=2)["gradient_accumulation_steps"] == 4  # dp 1
+    assert make(activation_checkpointing=True)["activation_checkpointing"] == {"partition_activations": False}
     assert make(world_size=1)["gradient_accumulation_steps"] == 4
+    assert make(load_universal=True)["checkpoint"] == {"load_universal": True}
+
+
+def test_offload_blocks():
+    z3 = make(offload_optimizer=True, offload_params=True)
+    assert z3["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True},
+    }
+    assert z3["optimizer"]["params"]["torch_adam"] is False  # ZeRO-Offload steps with DeepSpeed's CPU Adam
+    z2 = make(zero_stage=2, offload_optimizer=True)["zero_optimization"]
+    assert z2 == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+
+
+@pytest.mark.parametrize(
+    ("parallel", "key", "hint"),
+    [
+        ({"tp_size": 2, "zero_stage": 3}, "tp_size", "zero_stage 0, 1 or 2"),
+        ({"offload_params": True, "zero_stage": 2}, "offload_params", "zero_stage 3 with offload_params"),
+        ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer", "1, 2 or 3"),
+        ({"tp_size": 2, "zero_stage": 1, "offload_optimizer": True}, "tp_size", "tp_size 1 with offload"),
+        ({"tp_size": 0}, "tp_size", ">= 1"),
+    ],
+)
+def test_unsupported_combinations_name_the_alternative(parallel, key, hint):
+    with pytest.raises(ConfigError) as err:
+        ParallelConfig(**parallel).validate()
+    assert err.value.key == key and hint in err.value.msg
 
 
 def test_indivisible_batch_names_the_key():

@@ -1,9 +1,13 @@
-"""End to end through the real `deepspeed` launcher on 2 CPU ranks (ZeRO-3): the loss falls, the
-checkpoint layout and `latest` are right, a resumed run continues exactly like an uninterrupted
-one, and the HF export reproduces the run's validation loss. Plus `--check`, which starts nothing.
+"""End to end on CPU, fp32 ZeRO-3 unless said otherwise, so numbers can be compared tightly.
 
-Three launcher runs in all (about 20 s each on 2 cores; the first one on a fresh machine also
-builds DeepSpeed's shm op, ~30 s). fp32 so that resume and export can be compared tightly.
+Runs (module scope; 4 launcher runs of about 15-20 s on 2 cores, 3 one-process runs of ~8 s):
+  full      2 ranks, micro 2 x grad accum 2, 8 steps uninterrupted
+  split     2 ranks, SIGUSR1 to rank 0 only at step >= 2: every rank stops, saves, exits 75;
+            then resumed on 2 ranks to step 8 (keep_last=1)
+  one       1 rank, micro 1 x grad accum 8, activation checkpointing   (1 rank == 2 ranks)
+  one_big   1 rank, micro 8 x grad accum 1      (accumulation 8 x 1 == 1 x 8)
+  shrink    split's preemption checkpoint resumed on 1 rank (universal checkpoint)
+  tp        2 ranks, AutoTP 2 with ZeRO-1: sharded weights, same loss as unsharded
 """
 
 from __future__ import annotations
@@ -11,30 +15,44 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from dist_helpers import REPO, encode_docs, make_tokenizer_dir, run_launcher, tiny_corpus, write_token_dir
+from dist_helpers import (
+    REPO,
+    free_port,
+    launcher_cmd,
+    make_corpus,
+    read_losses,
+    remove_shm,
+    run_launcher,
+    run_single,
+    worker_env,
+)
 
+from pipeline.train.faults import REQUEUE_EXIT_CODE
 from pipeline.train.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A real SentencePiece tokenizer and token shards (2 train shards, 1 valid) from 400 tiny documents."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = tiny_corpus(400)
-    tok = make_tokenizer_dir(root / "tokenizer", texts, vocab_size=300)
-    docs = encode_docs(tok, texts)
-    splits = {"train": [docs[:200], docs[200:380]], "valid": [docs[380:]]}
-    return write_token_dir(root / "tokens", splits, vocab_size=300, tokenizer_dir=tok)
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def overrides(corpus: Path, runs: Path, name: str, max_steps: int, *extra: str) -> list[str]:
+def overrides(corpus: Path, runs: Path, name: str, max_steps: int = STEPS, *extra: str) -> list[str]:
     return [
+        "launch/pretrain.py",
+        "--config",
+        str(TINY_CPU),
         f"data.tokens={corpus}",
         f"run.dir={runs}",
         f"run.name={name}",
@@ -42,7 +60,7 @@ def overrides(corpus: Path, runs: Path, name: str, max_steps: int, *extra: str) 
         f"model.file={REPO / 'configs/model/tiny.yaml'}",
         "parallel.precision=fp32",
         "optim.warmup_steps=2",
-        "optim.schedule_steps=8",
+        f"optim.schedule_steps={STEPS}",
         "train.log_every=1",
         "train.eval_every=4",
         "train.save_every=4",
@@ -51,40 +69,123 @@ def overrides(corpus: Path, runs: Path, name: str, max_steps: int, *extra: str) 
     ]
 
 
-def launch(args: list[str]) -> None:
-    proc = run_launcher(["launch/pretrain.py", "--config", str(TINY_CPU), *args], timeout=400)
-    if proc.returncode != 0:
+def check(proc, rc: int = 0) -> None:
+    if proc.returncode != rc:
         pytest.fail(
-            f"launcher rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+            f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
+
+
+def preempted_run(args: list[str], run_dir: Path, at_step: int = 2, timeout: int = 300) -> int:
+    """Launch 2 ranks, send SIGUSR1 to rank 0's worker only once `at_step` is logged; the runner's rc."""
+    port = free_port()
+    env = worker_env({"GRISTMILL_FAULTS": "step_sleep=0.4"})  # room to signal mid-run
+    proc = subprocess.Popen(
+        launcher_cmd(args, 2, port),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+            if steps and max(steps) >= at_step:
+                break
+            time.sleep(0.1)
+        rank0 = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "--local_rank=0" in " ".join(p.cmdline())
+        ]
+        assert rank0, "rank 0 worker not found"
+        rank0[0].send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=max(10, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        remove_shm(port)
+    if proc.returncode != REQUEUE_EXIT_CODE:
+        pytest.fail(f"rc={proc.returncode}, want {REQUEUE_EXIT_CODE}\n{out[-4000:]}")
+    return proc.returncode
 
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> Path:
-    """`split`: 4 steps, then resumed to 8 with keep_last=1; `full`: 8 steps uninterrupted."""
     runs = tmp_path_factory.mktemp("runs")
-    launch(overrides(corpus, runs, "split", 4))
-    launch(overrides(corpus, runs, "split", 8, "train.keep_last=1"))
-    launch(overrides(corpus, runs, "full", 8))
+    check(run_launcher(overrides(corpus, runs, "full"), timeout=400))
+    preempted_run(overrides(corpus, runs, "split"), runs / "split")
+    status = json.loads((runs / "split" / "status.json").read_text())
+    k, root = status["step"], runs / "split" / "checkpoints"
+    seen = {
+        "status": status,
+        "latest": (root / "latest").read_text().strip(),
+        "files": sorted(p.name for p in (root / f"step_{k}").iterdir()),
+    }
+    (runs / "preempted.json").write_text(json.dumps(seen))
+    shutil.copytree(runs / "split", runs / "shrink")  # the preemption checkpoint, before the resume
+    (runs / "shrink" / "metrics.jsonl").unlink()
+    check(run_launcher(overrides(corpus, runs, "split", STEPS, "train.keep_last=1"), timeout=400))
+    check(
+        run_single(
+            overrides(
+                corpus, runs, "one", STEPS, "batch.micro_size=1", "parallel.activation_checkpointing=true"
+            )
+        )
+    )
+    check(run_single(overrides(corpus, runs, "one_big", STEPS, "batch.micro_size=8")))
+    shrink = run_single(overrides(corpus, runs, "shrink"))
+    check(shrink)
+    (runs / "shrink.log").write_text(shrink.stderr)
     return runs
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.mark.slow
 @pytest.mark.dist
 def test_loss_falls_and_metrics_rows(runs):
     rows = read_metrics(runs / "full")
-    train = losses(runs / "full")
-    assert sorted(train) == list(range(1, 9))
+    train = read_losses(runs / "full")
+    assert sorted(train) == list(range(1, STEPS + 1))
     assert train[8] < train[1] - 0.3, train
-    assert {"lr", "tokens", "samples", "tokens_per_s", "elapsed_s"} <= set(rows[0])
-    assert rows[-2]["tokens"] == 8 * 8 * 128  # steps x global batch x seq_len, every token a target
+    keys = {
+        "lr",
+        "grad_norm",
+        "tokens",
+        "samples",
+        "tokens_per_s",
+        "tflops_per_device",
+        "mfu",
+        "data_wait_s",
+        "mem_peak_mib",
+        "skipped_nonfinite",
+        "elapsed_s",
+    }
+    assert keys <= set(rows[0])
+    assert rows[0]["mfu"] == "n/a"  # a CPU is not in the peak table: no made-up MFU
+    assert rows[0]["mem_peak_mib"] > 0 and rows[0]["tflops_per_device"] > 0
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["tokens"] == 8 * 8 * 128 and last["skipped_nonfinite"] == 0  # every token a target
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[1]["eval_ppl"] == pytest.approx(math.exp(evals[1]["eval_loss"]))
+    assert json.loads((runs / "full" / "status.json").read_text())["status"] == "completed"
+    layout = json.loads((runs / "full" / "layout.json").read_text())
+    assert layout["zero_stage"] == 3 and layout["born_partitioned"] is True  # built under zero.Init
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_signal_to_one_rank_stops_all_with_a_checkpoint(runs):
+    seen = json.loads((runs / "preempted.json").read_text())
+    k = seen["status"]["step"]
+    assert 2 <= k < STEPS and seen["latest"] == f"step_{k}"
+    assert seen["status"]["status"] == "preempted" and seen["status"]["exit_code"] == REQUEUE_EXIT_CODE
+    assert seen["status"]["signal"] == signal.SIGUSR1 and seen["status"]["checkpoint"] == f"step_{k}"
+    for r in (0, 1):  # both ranks wrote their shards: rank 1 stopped on rank 0's signal
+        assert f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in seen["files"]
+        assert f"rng_rank{r}.pt" in seen["files"]
 
 
 @pytest.mark.slow
@@ -92,36 +193,77 @@ def test_loss_falls_and_metrics_rows(runs):
 def test_checkpoint_layout_and_latest(runs):
     root = runs / "split" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_8"
-    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_8"]  # keep_last=1 pruned step_4
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_8"]  # keep_last=1 pruned the rest
     files = {p.name for p in (root / "step_8").iterdir()}
     for r in (0, 1):
         assert f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" in files
         assert f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in files
         assert f"rng_rank{r}.pt" in files
+    assert "parity.pt" in files
     state = json.loads((root / "step_8" / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["consumed_samples"] == 64 and state["consumed_tokens"] == 64 * 128
+    assert (state["world_size"], state["dp_size"], state["global_batch"], state["seq_len"]) == (2, 2, 8, 128)
+    assert state["lr_schedule"]["total_steps"] == STEPS and state["loss_scale"] == 1.0
     assert (runs / "split" / "config.yaml").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_resume_continues_exactly(runs):
-    split, full = losses(runs / "split"), losses(runs / "full")
-    assert sorted(split) == list(range(1, 9))
-    for step in range(1, 9):
-        assert split[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+def test_resume_is_bit_identical(runs):
+    from pipeline.train.engine import lazy_state_dict
+
+    split, full = read_losses(runs / "split"), read_losses(runs / "full")
+    assert sorted(split) == list(range(1, STEPS + 1))
+    assert split == full  # exact: same floats at every step, before and after the stop
+    a = lazy_state_dict(runs / "split" / "checkpoints", "step_8")
+    b = lazy_state_dict(runs / "full" / "checkpoints", "step_8")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].contiguous(), b[name].contiguous()), name
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_export_reproduces_eval_loss(runs, corpus, tmp_path):
+def test_rank_count_and_accumulation_do_not_change_the_loss(runs):
+    full, one, big = (read_losses(runs / n) for n in ("full", "one", "one_big"))
+    assert json.loads((runs / "one" / "layout.json").read_text())["activation_checkpointing"] is True
+    for step in range(1, STEPS + 1):
+        # 1 rank (8 x 1, recomputing activations) vs 2 ranks (2 x 2 x 2)
+        assert one[step] == pytest.approx(full[step], rel=1e-5), step
+        assert big[step] == pytest.approx(one[step], rel=1e-5), step  # accumulation 8 x 1 vs 1 x 8
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_resume_two_ranks_on_one(runs):
+    k = json.loads((runs / "preempted.json").read_text())["status"]["step"]
+    shrink, full = read_losses(runs / "shrink"), read_losses(runs / "full")
+    assert sorted(shrink) == list(range(k + 1, STEPS + 1))
+    for step in shrink:
+        assert shrink[step] == pytest.approx(full[step], rel=1e-5), step
+    root = runs / "shrink" / "checkpoints"
+    assert f"converting {root / f'step_{k}'} to a universal checkpoint" in (runs / "shrink.log").read_text()
+    state = json.loads((root / "step_8" / "trainer_state.json").read_text())
+    assert (state["world_size"], state["dp_size"], state["consumed_samples"]) == (1, 1, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_export_parity_and_eval_loss(runs, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.train.export import export_hf
     from pipeline.train.loader import TokenLoader, open_split
 
-    out = export_hf(runs / "split", tmp_path / "hf")
-    assert {"config.json", "model.safetensors", "tokenizer.model"} <= {p.name for p in out.iterdir()}
+    out = export_hf(runs / "split", tmp_path / "hf", max_shard_bytes=200_000)  # several shards
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+    } <= names
+    assert not {"spm.vocab", "trainer_state.json"} & names  # allow-listed tokenizer files only
     assert len(AutoTokenizer.from_pretrained(out)) == 300
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     valid = TokenLoader(open_split(corpus, "valid"), 128, seed=1234, shuffle=False)
@@ -139,21 +281,95 @@ def test_export_reproduces_eval_loss(runs, corpus, tmp_path):
     assert total / n == pytest.approx(run_eval, abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_export_fails_on_logit_mismatch(runs, tmp_path):
+    from pipeline.errors import CheckpointError
+    from pipeline.train.export import export_hf
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "full", run)
+    parity = run / "checkpoints" / "step_8" / "parity.pt"
+    ref = torch.load(parity, weights_only=False)
+    ref["logits"][0, 0, 0] += 1.0  # the "training model" disagrees with what was saved
+    torch.save(ref, parity)
+    with pytest.raises(CheckpointError, match="differ from the training model"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.fixture(scope="module")
+def tp_run(corpus, runs) -> Path:
+    """AutoTP 2 (ZeRO-1, untied embeddings: AutoTP splits lm_head) and the same model unsharded on 1 rank."""
+    tp = ("parallel.zero_stage=1", "model.overrides.tie_embeddings=false")
+    check(run_launcher(overrides(corpus, runs, "tp", 4, "parallel.tp_size=2", *tp), timeout=400))
+    check(run_single(overrides(corpus, runs, "tp_ref", 4, *tp)))
+    return runs / "tp"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_autotp_shards_and_matches_unsharded(tp_run, runs, tmp_path):
+    from pipeline.train.export import export_hf
+
+    layout = json.loads((tp_run / "layout.json").read_text())
+    assert (layout["tp_size"], layout["dp_size"], layout["zero_stage"]) == (2, 1, 1)
+    assert layout["born_partitioned"] is False  # ZeRO-1: full weights, then AutoTP slices them
+    shapes = {k.split("layers.0.")[-1]: v for k, v in layout["params"].items() if "layers.0." in k}
+    # tiny: hidden 64, 4 heads of 16, 2 kv heads, SwiGLU 192 -> halves of the output (column) or input (row) dim
+    assert shapes["self_attn.q_proj.weight"] == [32, 64] and shapes["self_attn.k_proj.weight"] == [16, 64]
+    assert shapes["mlp.gate_proj.weight"] == [96, 64] and shapes["mlp.up_proj.weight"] == [96, 64]
+    assert shapes["self_attn.o_proj.weight"] == [64, 32] and shapes["mlp.down_proj.weight"] == [64, 96]
+    assert shapes["self_attn.v_proj.weight"] == [16, 64]
+    params = layout["params"]
+    assert params["lm_head.weight"] == [150, 64] and params["model.embed_tokens.weight"] == [300, 64]
+    tp, ref = read_losses(tp_run), read_losses(runs / "tp_ref")
+    assert sorted(tp) == [1, 2, 3, 4]
+    for step in tp:  # the same model and batches, unsharded on 1 rank (ZeRO-1 initialises like AutoTP)
+        assert tp[step] == pytest.approx(ref[step], rel=1e-5), step
+    out = export_hf(tp_run, tmp_path / "hf")  # through the universal format; logits parity checked inside
+    assert (out / "model.safetensors").is_file()
+
+
 def test_check_prints_the_plan(corpus, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     spec = importlib.util.spec_from_file_location("launch_pretrain", REPO / "launch" / "pretrain.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    args = [
+        "--config",
+        str(TINY_CPU),
+        f"data.tokens={corpus}",
+        f"model.file={REPO / 'configs/model/tiny.yaml'}",
+    ]
+    mod.main([*args, "--check", "--local_rank=0"])
+    out = capsys.readouterr().out
+    assert (
+        "global 8 = micro 2 x dp 2 x grad accum 2" in out and "vocab 300" in out and "MiB per device" in out
+    )
     mod.main(
         [
-            "--config",
-            str(TINY_CPU),
-            f"data.tokens={corpus}",
-            f"model.file={REPO / 'configs/model/tiny.yaml'}",
+            *args,
             "--check",
-            "--local_rank=0",
+            "--world-size",
+            "4",
+            "parallel.tp_size=2",
+            "parallel.zero_stage=1",
+            "model.overrides.tie_embeddings=false",
         ]
     )
     out = capsys.readouterr().out
-    assert "global 8 = micro 2 x dp 2 x grad accum 2" in out and "vocab 300" in out
+    assert "data parallel 2 x tensor parallel 2" in out and "ZeRO-1" in out
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_report_png(runs, tmp_path):
+    import matplotlib.image as mpimg
+
+    from pipeline.train.report import render_report
+
+    out = render_report(runs / "split", tmp_path / "report.png")
+    height, width = mpimg.imread(out).shape[:2]
+    assert width >= 1000 and height >= 600

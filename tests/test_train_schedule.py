@@ -35,6 +35,14 @@ def test_no_warmup_and_lr_fn():
     assert fn(0) > fn(50) > fn(109) > 1e-4 - 1e-12
 
 
+def test_warmup_stable_decay():
+    wsd = {**BASE, "schedule": "wsd", "decay_fraction": 0.2}  # 100 post-warmup steps: decay over the last 20
+    assert lr_at(10, **wsd) == pytest.approx(1e-3)
+    assert lr_at(90, **wsd) == pytest.approx(1e-3)  # still stable at 80% of the span
+    assert lr_at(100, **wsd) == pytest.approx(1e-3 - 0.9e-3 * 0.5)
+    assert lr_at(110, **wsd) == pytest.approx(1e-4) and lr_at(300, **wsd) == pytest.approx(1e-4)
+
+
 def test_unknown_schedule():
     with pytest.raises(ValueError):
-        lr_at(20, **BASE, schedule="wsd")
+        lr_at(20, **BASE, schedule="step")

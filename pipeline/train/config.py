@@ -39,9 +39,21 @@ class RunConfig:
 
 
 @dataclass
+class BlendSource:
+    tokens: Path
+    """A token folder (manifest.json + shards) made with the same tokenizer as `data.tokens`."""
+    weight: float = 1.0
+    """Relative share of the training samples drawn from it."""
+
+
+@dataclass
 class TokensDataConfig:
     tokens: Path = Path("out/wiki_sample/tokens")
     """Folder with the token shards and manifest.json written by data prep."""
+    blend: list[BlendSource] = field(default_factory=list)
+    """Train on a weighted mix of token folders instead of `tokens`' train split, e.g.
+    [{tokens: out/wiki/tokens, weight: 0.3}, {tokens: out/web/tokens, weight: 0.7}]; `tokens` still
+    gives the vocabulary and the validation split."""
     seq_len: int = 128
     """Tokens per training sequence; documents are packed across boundaries."""
     seed: int = 1234
@@ -52,6 +64,9 @@ class TokensDataConfig:
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError("seq_len", f"must be >= 2, got {self.seq_len}")
+        for i, src in enumerate(self.blend):
+            if not src.weight > 0:
+                raise ConfigError(f"blend[{i}].weight", f"must be > 0, got {src.weight}")
 
 
 @dataclass
@@ -98,8 +113,11 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 10
     """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay from lr to min_lr over the steps after warmup."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Decay from lr to min_lr over the steps after warmup; `wsd` (warmup-stable-decay) holds lr and
+    decays linearly over the last `decay_fraction` of the schedule."""
+    decay_fraction: float = 0.2
+    """For `wsd`: the share of the post-warmup steps spent decaying (the rest stays at lr)."""
     schedule_steps: int = 0
     """Steps the schedule spans (min_lr from then on); 0 = the run's max_steps. Fix it to extend a
     run (raise max_steps and resume) without changing the LR of steps already planned."""
@@ -116,6 +134,8 @@ class OptimConfig:
         for key in ("weight_decay", "eps", "warmup_steps", "grad_clip", "schedule_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass
@@ -123,15 +143,48 @@ class ParallelConfig:
     zero_stage: Literal[0, 1, 2, 3] = 3
     """DeepSpeed ZeRO stage: 3 partitions parameters, gradients and optimizer state."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Parameter/compute dtype; ZeRO keeps fp32 master weights for bf16/fp16."""
+    """Parameter/compute dtype; ZeRO keeps fp32 master weights for bf16/fp16 (fp16 adds dynamic loss scaling)."""
     tp_size: int = 1
-    """Tensor-parallel degree (DeepSpeed AutoTP); data-parallel size = world size / tp_size."""
+    """Tensor-parallel degree (DeepSpeed AutoTP, ZeRO 0-2 only); data-parallel size = world size / tp_size."""
     activation_checkpointing: bool = False
     """Recompute layer activations in backward: less memory, ~30% more compute."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and the step) in CPU memory (ZeRO-Offload; ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep partitioned parameters in CPU memory between uses (ZeRO-3 only)."""
+    fp16_initial_scale_power: int = 16
+    """fp16 only: the dynamic loss scale starts at 2**this."""
+    fp16_loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the loss scale doubles."""
+    fp16_hysteresis: int = 2
+    """fp16 only: overflows tolerated before the loss scale halves."""
 
     def validate(self) -> None:
         if self.tp_size < 1:
             raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
+        if self.tp_size > 1 and self.zero_stage == 3:
+            raise ConfigError(
+                "tp_size",
+                f"AutoTP (tp_size={self.tp_size}) does not train under ZeRO-3; supported: tp_size > 1 with "
+                "zero_stage 0, 1 or 2, or zero_stage 3 with tp_size 1 (pure data parallel)",
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(
+                "offload_params",
+                f"parameter offload needs zero_stage 3, got {self.zero_stage}; supported: zero_stage 3 with "
+                "offload_params, or offload_optimizer with zero_stage 1 or 2",
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
+        if self.tp_size > 1 and (self.offload_optimizer or self.offload_params):
+            raise ConfigError(
+                "tp_size",
+                "AutoTP with CPU offload is not supported; use tp_size 1 with offload, or no offload",
+            )
+        if self.fp16_initial_scale_power < 0 or self.fp16_loss_scale_window < 1 or self.fp16_hysteresis < 1:
+            raise ConfigError(
+                "fp16_initial_scale_power", "fp16 loss-scale settings must be >= 0 / >= 1 / >= 1"
+            )
 
     def dp_size(self, world_size: int) -> int:
         """Data-parallel size; ConfigError when tp_size does not divide the world size."""
@@ -157,11 +210,21 @@ class TrainLoopConfig:
     """Steps between checkpoints; one is always written at the end. 0 = only at the end."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    max_nonfinite: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped and counted) after which
+    the run saves a checkpoint, writes the offending sample indices and stops."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 = from the built-in table (device and precision),
+    and "n/a" for devices it does not know."""
+    progress: bool = True
+    """A progress bar on rank 0 (when stderr is a terminal, or GRISTMILL_PROGRESS=1)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ConfigError("max_steps", f"must be >= 1, got {self.max_steps}")
-        for key in ("log_every", "keep_last", "eval_batches"):
+        if self.peak_tflops < 0:
+            raise ConfigError("peak_tflops", f"must be >= 0 (0 = from the table), got {self.peak_tflops}")
+        for key in ("log_every", "keep_last", "eval_batches", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "save_every"):
@@ -245,13 +308,15 @@ def resolve(cfg: PretrainConfig, world_size: int, *, check_device: bool = True) 
             f"{tok['vocab_size']}; set it to 0 to take the tokenizer's",
         )
     model.vocab_size = tok["vocab_size"]
+    if cfg.parallel.tp_size > 1 and model.tie_embeddings:
+        raise ConfigError(
+            "model.tie_embeddings",
+            "AutoTP splits lm_head over the vocabulary, and a tied embedding would be split with it "
+            "(wrong logits); with parallel.tp_size > 1 set tie_embeddings: false, or use tp_size 1",
+        )
     if check_device:
         check_precision(cfg.parallel.precision)
     dp = cfg.parallel.dp_size(world_size)
-    if cfg.parallel.tp_size > 1:  # ds_config and Engine know AutoTP; the loop's rank layout is untested
-        raise ConfigError(
-            "parallel.tp_size", f"> 1 is not supported by pretraining yet, got {cfg.parallel.tp_size}"
-        )
     derived = DerivedConfig(
         world_size=world_size,
         dp_size=dp,
@@ -278,5 +343,6 @@ def check_precision(precision: str) -> None:
         raise ConfigError(
             "parallel.precision",
             f"{precision} is not supported by this machine's DeepSpeed accelerator "
-            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32",
+            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32, or set GRISTMILL_CPU_FP16=emulate "
+            "to run the fp16 code path with emulated half matmuls (slow; for testing)",
         )

@@ -1,15 +1,22 @@
-"""Export a pretraining run's ZeRO checkpoint as a Hugging Face folder (safetensors + tokenizer).
+"""Export a pretraining run's checkpoint as a Hugging Face folder, streamed, then verified.
 
-Runs in one process on CPU with no process group: DeepSpeed's zero_to_fp32 (via engine.py)
-gathers the partitioned fp32 master weights, a plain LlamaForCausalLM built from the run's
-resolved config loads them strictly, and `save_pretrained` writes the folder, which appears
-atomically only after it reloads with AutoModelForCausalLM and gives finite logits.
+Runs in one process on CPU with no process group. The weights are read one tensor at a time:
+DeepSpeed's zero_to_fp32 in lazy mode memory-maps the ZeRO-2/3 optimizer files and gathers one
+parameter's partitions on demand (AutoTP checkpoints go through the universal format, which
+holds one full tensor per file). Each tensor is cast to the export dtype (the training precision
+unless told otherwise) and written into size-capped safetensors shards, so peak memory stays
+near one shard, not the fp32 model. The folder gets config.json, generation_config.json, the
+tokenizer files (an allow-list, not the whole folder) and the weights, and appears atomically
+only after AutoModelForCausalLM reloads it and its logits on the checkpoint's fixed batch
+(`parity.pt`, recorded by the training model when it saved) agree within tolerance.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,12 +24,25 @@ import torch
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.io import atomic_dir
-from pipeline.model.build import build_model
+from pipeline.model.build import llama_config
 from pipeline.train import checkpoint
 from pipeline.train.config import ResolvedPretrainConfig
-from pipeline.train.engine import consolidated_state_dict
 
 log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Max |logit difference| allowed, relative to max(1, max |reference logit|): the reloaded model runs
+# the same weights with the same kernels, so only reduction order (and half-precision rounding) differs.
+PARITY_TOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+MAX_SHARD_BYTES = 2 * 2**30
 
 
 def load_run_config(run_dir: Path) -> ResolvedPretrainConfig:
@@ -33,31 +53,122 @@ def load_run_config(run_dir: Path) -> ResolvedPretrainConfig:
     return load_config(ResolvedPretrainConfig, path)
 
 
-def export_hf(run_dir: Path, out_dir: Path, tag: str | None = None) -> Path:
-    """Consolidate checkpoints/<tag> (default: latest) of run_dir into a save_pretrained folder."""
+def export_hf(
+    run_dir: Path,
+    out_dir: Path,
+    tag: str | None = None,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Consolidate checkpoints/<tag> (default: latest) of run_dir into a verified save_pretrained folder."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     rcfg = load_run_config(run_dir)
     tag = tag or checkpoint.latest_tag(run_dir)
     if tag is None:
         raise CheckpointError(f"{checkpoint.ckpt_root(run_dir)}/latest: not found; the run has no checkpoint")
-    state = consolidated_state_dict(checkpoint.ckpt_root(run_dir), tag)
-    d = rcfg.derived
-    model = build_model(rcfg.model, bos_id=d.bos_id, eos_id=d.eos_id, pad_id=d.pad_id, partitioned=False)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{run_dir}/checkpoints/{tag} does not match the model in config.yaml: missing "
-            f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    precision = dtype or rcfg.parallel.precision
+    if precision not in DTYPES:
+        raise CheckpointError(f"export dtype must be one of {list(DTYPES)}, got {precision!r}")
+    tensors = _checkpoint_tensors(run_dir, tag, rcfg)
     tokenizer_dir = _tokenizer_dir(rcfg)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        for f in sorted(tokenizer_dir.iterdir()):
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-        check_reload(tmp, rcfg.model.vocab_size)
-    log.info("exported %s/checkpoints/%s to %s", run_dir, tag, out_dir)
+        _write_config(rcfg, tmp, precision)
+        write_safetensors(tensors, tmp, DTYPES[precision], max_shard_bytes)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        check_parity(tmp, checkpoint.ckpt_root(run_dir) / tag / "parity.pt", precision, rcfg.model.vocab_size)
+    log.info("exported %s/checkpoints/%s to %s (%s)", run_dir, tag, out_dir, precision)
     return out_dir
+
+
+def _checkpoint_tensors(run_dir: Path, tag: str, rcfg: ResolvedPretrainConfig) -> dict:
+    """name -> lazy tensor (`.contiguous()` gives fp32) for the weights to export (tied copies left out)."""
+    from pipeline.train.engine import lazy_state_dict
+
+    root = checkpoint.ckpt_root(run_dir)
+    if rcfg.parallel.tp_size > 1 or not any((root / tag).glob("*optim_states.pt")):
+        tensors = _universal_tensors(run_dir, tag)
+    else:
+        tensors = lazy_state_dict(root, tag)
+    if rcfg.model.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
+    return tensors
+
+
+class _UniversalTensor:
+    """One parameter of a universal checkpoint (zero/<name>/fp32.pt), loaded on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.shape = self.contiguous().shape
+
+    def contiguous(self) -> torch.Tensor:
+        obj = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
+        return obj["param"] if isinstance(obj, dict) else obj
+
+
+def _universal_tensors(run_dir: Path, tag: str) -> dict:
+    """Lazy tensors of checkpoints/<tag> converted to the universal format (AutoTP checkpoints)."""
+    utag = tag if tag.startswith(checkpoint.UNIVERSAL_PREFIX) else checkpoint.prepare_universal(run_dir, tag)
+    zero = checkpoint.ckpt_root(run_dir) / utag / "zero"
+    return {
+        p.name: _UniversalTensor(p / "fp32.pt") for p in sorted(zero.iterdir()) if (p / "fp32.pt").is_file()
+    }
+
+
+def _write_config(rcfg: ResolvedPretrainConfig, folder: Path, precision: str) -> None:
+    from transformers import GenerationConfig
+
+    d = rcfg.derived
+    cfg = llama_config(rcfg.model, bos_id=d.bos_id, eos_id=d.eos_id, pad_id=d.pad_id)
+    cfg.dtype = DTYPES[precision]
+    cfg.use_cache = True  # training turns the KV cache off; generation wants it
+    cfg.save_pretrained(folder)
+    GenerationConfig.from_model_config(cfg).save_pretrained(folder)
+
+
+def shard_plan(shapes: dict[str, torch.Size], itemsize: int, max_bytes: int) -> list[list[str]]:
+    """Names grouped into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = shape.numel() * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(tensors: dict, folder: Path, dtype: torch.dtype, max_shard_bytes: int) -> list[str]:
+    """Write lazy tensors as safetensors shards (+ index when several); one shard in memory at a time."""
+    from safetensors.torch import save_file
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    plan = shard_plan({k: torch.Size(t.shape) for k, t in tensors.items()}, itemsize, max_shard_bytes)
+    n = len(plan)
+    names = (
+        ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    weight_map, total = {}, 0
+    for fname, keys in zip(names, plan):
+        shard = dict(_materialise(tensors, keys, dtype))
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * itemsize for t in shard.values())
+        weight_map.update(dict.fromkeys(keys, fname))
+        del shard
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _materialise(tensors: dict, keys: list[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for k in keys:
+        yield k, tensors[k].contiguous().to(dtype).contiguous()
 
 
 def _tokenizer_dir(rcfg: ResolvedPretrainConfig) -> Path:
@@ -67,6 +178,39 @@ def _tokenizer_dir(rcfg: ResolvedPretrainConfig) -> Path:
         if (cand / "tokenizer.model").is_file() or (cand / "tokenizer_config.json").is_file():
             return cand
     raise DataError(f"{path}: tokenizer folder (recorded in {rcfg.data.tokens}/manifest.json) not found")
+
+
+def check_parity(folder: Path, parity_file: Path, precision: str, vocab_size: int) -> dict:
+    """Reload `folder` and compare its logits with the training model's on the recorded batch.
+
+    CheckpointError when they differ beyond PARITY_TOL (or, without a recorded batch, when the
+    logits are not finite). Returns {max_abs_diff, tolerance, top1_agreement}.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[precision]).eval()
+    if not parity_file.is_file():
+        log.warning("%s missing (older checkpoint): only checking that logits are finite", parity_file)
+        check_reload(folder, vocab_size)
+        return {}
+    ref = torch.load(parity_file, weights_only=False)
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits.float()
+    want = ref["logits"].float()
+    if logits.shape != want.shape:
+        raise CheckpointError(
+            f"{folder}: logits shape {tuple(logits.shape)}, training model gave {tuple(want.shape)}"
+        )
+    diff = float((logits - want).abs().max())
+    tol = PARITY_TOL[precision] * max(1.0, float(want.abs().max()))
+    top1 = float((logits.argmax(-1) == want.argmax(-1)).float().mean())
+    log.info("export parity: max |logit diff| %.3g (tolerance %.3g), top-1 agreement %.3f", diff, tol, top1)
+    if not diff <= tol:
+        raise CheckpointError(
+            f"{folder}: exported model's logits differ from the training model's by {diff:.3g} "
+            f"(tolerance {tol:.3g}, top-1 agreement {top1:.3f}); export not written"
+        )
+    return {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": top1}
 
 
 def check_reload(folder: Path, vocab_size: int) -> None:

@@ -1,0 +1,174 @@
+"""Failure paths of the trainer: non-finite steps, a crash while writing a checkpoint, fp16 loss
+scaling; plus the pure pieces (fault spec, MFU peak table, checkpoint pruning and compatibility).
+
+Runs (module scope): `nan` (2 ranks, bf16 ZeRO-3, NaN injected on rank 1 only), `fp16` (2 ranks,
+ZeRO-3 fp16 with dynamic loss scaling, emulated on CPUs without fp16 support), and `crash`
+(1 process, killed inside a checkpoint save, then started again).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dist_helpers import REPO, make_corpus, run_launcher, run_single
+
+from pipeline.errors import CheckpointError
+from pipeline.train import checkpoint, telemetry
+from pipeline.train.checkpoint import TrainerState
+from pipeline.train.faults import CRASH_EXIT_CODE, NONFINITE_EXIT_CODE, Faults
+from pipeline.train.metrics import read_metrics
+
+TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+def test_fault_spec(monkeypatch):
+    monkeypatch.setenv("GRISTMILL_FAULTS", "nan_steps=3,5;nan_rank=1;crash_save_step=4;step_sleep=0.5")
+    f = Faults.from_env()
+    assert (f.nan_steps, f.nan_rank, f.crash_save_step, f.step_sleep) == ({3, 5}, 1, 4, 0.5)
+    assert not f.poison(3)  # this process is rank 0
+    monkeypatch.setenv("GRISTMILL_FAULTS", "explode=1")
+    with pytest.raises(ValueError, match="explode"):
+        Faults.from_env()
+
+
+def test_peak_table_and_mfu():
+    assert telemetry.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert telemetry.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert telemetry.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5  # FP32, not TF32
+    assert telemetry.peak_tflops("NVIDIA V100-SXM2-32GB", "bf16") is None  # no bf16 on Volta
+    assert telemetry.peak_tflops("cpu", "bf16") is None and telemetry.mfu(1.0, None) == "n/a"
+    assert telemetry.peak_tflops("cpu", "bf16", override=2.0) == 2.0
+    assert telemetry.mfu(98.9, 989.0) == pytest.approx(0.1)
+
+
+def test_prune_keeps_last_k_and_universal_copies(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (2, 4, 6, 8):
+        (root / f"step_{s}").mkdir(parents=True)
+    (root / "universal_step_2").mkdir()
+    (root / "universal_step_6").mkdir()
+    (root / "latest").write_text("step_6\n")  # step_8 is unfinished (latest never moved to it)
+    checkpoint.prune(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_4", "step_6", "universal_step_6"]
+
+
+def test_stale_temp_folders_are_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-step_4").mkdir(parents=True)
+    (root / "step_2").mkdir()
+    assert checkpoint.clean_stale(tmp_path) == 1
+    assert [p.name for p in root.iterdir()] == ["step_2"]
+
+
+def test_what_cannot_change_on_resume(tmp_path):
+    saved = TrainerState(manifest_fingerprint="a" * 64, global_batch=8, seq_len=128, tp_size=1)
+    ok = {"fingerprint": "a" * 64, "global_batch": 8, "seq_len": 128, "tp_size": 1, "where": tmp_path}
+    checkpoint.check_compatible(saved, **ok)
+    for key, change in (
+        ("batch.global_size", {"global_batch": 16}),
+        ("data.seq_len", {"seq_len": 64}),
+        ("parallel.tp_size", {"tp_size": 2}),
+    ):
+        with pytest.raises(CheckpointError, match=key):
+            checkpoint.check_compatible(saved, **{**ok, **change})
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        checkpoint.check_compatible(saved, **{**ok, "fingerprint": "b" * 64})
+
+
+# ----------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def args(corpus: Path, runs: Path, name: str, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "launch/pretrain.py",
+        "--config",
+        str(TINY_CPU),
+        f"data.tokens={corpus}",
+        f"run.dir={runs}",
+        f"run.name={name}",
+        f"train.max_steps={max_steps}",
+        f"model.file={REPO / 'configs/model/tiny.yaml'}",
+        "optim.warmup_steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        *extra,
+    ]
+
+
+def check(proc, rc: int = 0) -> None:
+    if proc.returncode != rc:
+        pytest.fail(
+            f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_nan_on_one_rank_is_skipped_then_stops_the_run(corpus, runs):
+    faults = {"GRISTMILL_FAULTS": "nan_steps=3,6,7;nan_rank=1"}
+    extra = ("parallel.precision=bf16", "train.max_nonfinite=2", "train.save_every=4")
+    check(run_launcher(args(corpus, runs, "nan", 10, *extra), env=faults), NONFINITE_EXIT_CODE)
+    run = runs / "nan"
+    rows = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    assert rows[3]["loss"] is None and rows[3]["skipped_nonfinite"] == 1  # skipped on every rank
+    assert rows[4]["loss"] is not None and rows[5]["loss"] < rows[1]["loss"] - 0.2  # bf16 ZeRO-3 learns
+    assert max(rows) == 7 and rows[7]["skipped_nonfinite"] == 3
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "stopped_nonfinite" and status["exit_code"] == NONFINITE_EXIT_CODE
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_7"
+    state = json.loads((run / "checkpoints" / "step_7" / "trainer_state.json").read_text())
+    assert state["nonfinite_skips"] == 3 and state["consumed_samples"] == 7 * 8
+    bad = json.loads((run / "nonfinite_samples.json").read_text())
+    assert [b["step"] for b in bad["steps"]] == [6, 7] and [b["step"] for b in bad["all"]] == [3, 6, 7]
+    assert bad["steps"][0]["global_samples"] == [40, 48] and len(bad["steps"][0]["sample_indices"]) == 8
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_fp16_dynamic_loss_scaling(corpus, runs):
+    extra = (
+        "parallel.precision=fp16",
+        "parallel.fp16_initial_scale_power=20",
+        "parallel.fp16_hysteresis=1",
+        "train.save_every=0",
+    )
+    check(run_launcher(args(corpus, runs, "fp16", 8, *extra), env={"GRISTMILL_CPU_FP16": "emulate"}))
+    rows = [r for r in read_metrics(runs / "fp16") if "loss" in r]
+    skips = rows[-1]["skipped_loss_scale"]
+    assert skips >= 1 and rows[-1]["skipped_nonfinite"] == 0  # overflows are the scaler's, not NaN skips
+    assert rows[-1]["loss_scale"] == 2.0 ** (20 - skips)  # halved once per overflow (hysteresis 1)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
+    state = json.loads((runs / "fp16" / "checkpoints" / "step_8" / "trainer_state.json").read_text())
+    assert state["loss_scale"] == rows[-1]["loss_scale"] and state["loss_scale_skips"] == skips
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_crash_while_saving_leaves_latest_valid(corpus, runs):
+    base = args(
+        corpus, runs, "crash", 4, "parallel.precision=fp32", "train.save_every=2", "optim.schedule_steps=4"
+    )
+    check(run_single(base, env={"GRISTMILL_FAULTS": "crash_save_step=4"}), CRASH_EXIT_CODE)
+    root = runs / "crash" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_2"
+    assert (root / ".tmp-step_4").is_dir() and not (root / "step_4").exists()
+    proc = run_single(base)
+    check(proc)
+    assert "resumed from step_2" in proc.stderr
+    assert (root / "latest").read_text().strip() == "step_4" and not (root / ".tmp-step_4").exists()
+    rows = [r for r in read_metrics(runs / "crash") if "loss" in r]  # appended across both attempts
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
+    assert [r["loss"] for r in rows[2:4]] == [r["loss"] for r in rows[4:]]  # the redo is exact
