@@ -1,5 +1,7 @@
-"""SFT data: record loading and bad-record accounting, the prompt template, masking token by token,
-truncation counting, collation and the deterministic split/batching (no processes, a real tokenizer)."""
+"""SFT data: record loading and bad-record accounting (Alpaca, self-instruct, chat), the prompt and
+chat templates, masking token by token, truncation counting, collation, packing (same loss as
+unpacked), the real SFT samples, and the deterministic split/batching (no processes, a real
+tokenizer and a tiny real model)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_helpers import ft_init  # noqa: F401, F811  (a fixture)
 
 from pipeline.errors import DataError
 from pipeline.finetune import sft
+from pipeline.finetune.records import Chat
 from pipeline.finetune.sft import IGNORE_INDEX, Example
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample" / "instructions.jsonl"
@@ -218,3 +222,155 @@ def test_eval_batches_equal_count_per_rank():
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     seen = sorted(e.input_ids[0] for batches in per_rank for mb in batches for e in mb)
     assert seen == list(range(5))
+
+
+# ---------------------------------------------------------------- chat, self-instruct, packing
+
+
+@pytest.fixture(scope="module")
+def ft_tok(ft_init):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ft_init)
+
+
+def test_chat_masks_everything_but_assistant_turns_token_by_token(ft_tok):
+    tok = ft_tok
+    chat = Chat(
+        (
+            ("system", "Be brief."),
+            ("user", "Hi there"),
+            ("assistant", "Hello! How are you?"),
+            ("user", "Fine."),
+            ("assistant", "Good."),
+        )
+    )
+    enc, reason = sft.encode_chat(tok, chat, seq_len=512)
+    assert reason is None
+
+    def ids(text):
+        return tok.encode(text, add_special_tokens=False)
+
+    # the template, piece by piece: (ids, trained?)
+    parts = [([tok.bos_token_id], False)]
+    for role, content in chat.messages:
+        parts.append((ids(f"<|{role}|>\n"), False))
+        if role == "assistant":
+            parts += [(ids(content) + [tok.eos_token_id], True), (ids("\n"), False)]
+        else:
+            parts.append((ids(content + "\n"), False))
+    want_ids = [i for p, _ in parts for i in p]
+    want_labels = [i if trained else IGNORE_INDEX for p, trained in parts for i in p]
+    assert enc.input_ids == want_ids
+    for k, (got, want) in enumerate(zip(enc.labels, want_labels)):
+        assert got == want, f"token {k} ({tok.decode([enc.input_ids[k]])!r}): label {got}, want {want}"
+    trained = tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+    assert trained.replace("<|eos|>", "|") == "Hello! How are you?|Good.|"
+
+
+def test_alpaca_records_under_the_chat_template(ft_tok):
+    ex = Example("Name a colour.", "", "Blue.")
+    enc, _ = sft.encode_record(ft_tok, ex, 256, template="chat")
+    text = ft_tok.decode(enc.input_ids)
+    assert text.startswith("<|bos|><|user|>\nName a colour.\n<|assistant|>\nBlue.<|eos|>")
+    assert (
+        ft_tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX])
+        == "Blue.<|eos|>"
+    )
+    cut, reason = sft.encode_record(ft_tok, Example("word " * 100, "", "Blue."), 16, template="chat")
+    assert cut is None and reason == "prompt_too_long"
+    cut, reason = sft.encode_record(ft_tok, Example("Hi", "", "word " * 100), 24, template="chat")
+    assert reason == "truncated" and len(cut.input_ids) == 24 and cut.labels[-1] != IGNORE_INDEX
+
+
+def test_chat_and_self_instruct_records_are_checked(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    lines = [
+        json.dumps({"messages": msgs}),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),  # nothing to learn
+        json.dumps({"messages": [{"role": "robot", "content": "x"}, *msgs]}),
+        json.dumps({"messages": "hi"}),
+        json.dumps(
+            {
+                "instruction": "Add.",
+                "instances": [{"input": "1+1", "output": "2"}, {"input": "", "output": "0"}],
+            }
+        ),
+        json.dumps({"instruction": "Add.", "instances": []}),
+    ]
+    records, counts = sft.load_examples(write_jsonl(tmp_path / "c.jsonl", lines))
+    assert counts == {"no_assistant_turn": 1, "unknown_role": 1, "bad_messages": 1, "bad_instances": 1}
+    assert records[0] == Chat((("user", "hi"), ("assistant", "hello")), f"{tmp_path / 'c.jsonl'}:1")
+    assert [(r.input, r.output) for r in records[1:]] == [("1+1", "2"), ("", "0")]
+
+
+def test_chat_needs_a_template(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="no chat_template"):
+        sft.check_chat_template(tokenizer, tmp_path)
+
+
+def test_real_sft_samples_load_and_encode(raw_samples, ft_tok):
+    """The real files in ../shared/data/raw/sft: every record loads, and encoding counts truncation."""
+    expect = {"alpaca_en_demo.json": 999, "alpaca_zh_demo.json": 1000, "self-instruct-seed_tasks.jsonl": 175}
+    for name, n in expect.items():
+        records, bad = sft.load_examples(raw_samples / "sft" / name)
+        assert len(records) + sum(bad.values()) == n, (name, bad)
+        assert len(records) >= 0.98 * n
+        some = records[:200]
+        enc, counts = sft.encode_examples(ft_tok, some, seq_len=128, template="chat")
+        assert len(enc) + counts["prompt_too_long"] == len(some) and counts["truncated"] > 0
+        assert all(len(e.input_ids) <= 128 and any(lab != IGNORE_INDEX for lab in e.labels) for e in enc)
+
+
+def test_pack_resets_positions_and_fills_rows():
+    items = [sft.Encoded([2, k, k], [-100, k, k]) for k in range(5)]  # 3 tokens each
+    rows = sft.pack(items, seq_len=7)
+    assert [r.input_ids for r in rows] == [[2, 0, 0, 2, 1, 1], [2, 2, 2, 2, 3, 3], [2, 4, 4]]
+    assert rows[0].position_ids == [0, 1, 2, 0, 1, 2]
+    b = sft.collate(rows, seq_len=7, pad_id=0)
+    assert "attention_mask" not in b  # transformers derives the block-diagonal mask from the resets
+    assert b["position_ids"][2].tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert sft.target_tokens(b) == 10
+
+
+def test_packed_loss_equals_unpacked_loss(ft_init, ft_tok):  # noqa: F811
+    """Same per-token logits and the same summed loss, packed into one row or one example per row."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ft_init, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+    records = [Example(f"Say {w}.", "", f"{w} {w} {w}") for w in ("one", "two", "three")]
+    records.append(Chat((("user", "Hi"), ("assistant", "Hello there."))))
+    enc = [sft.encode_record(ft_tok, r, 64)[0] for r in records]
+    T = sum(len(e.input_ids) for e in enc) + 5  # room for padding at the end of the packed row
+
+    def loss_and_logits(batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum"
+        )
+        return float(loss), logits
+
+    packed_rows = sft.pack(enc, T)
+    assert len(packed_rows) == 1
+    packed_loss, packed_logits = loss_and_logits(sft.collate(packed_rows, T, 0))
+    plain_loss, plain_logits = loss_and_logits(sft.collate(enc, T, 0))
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-5)
+    start = 0
+    for i, e in enumerate(enc):
+        n = len(e.input_ids)
+        torch.testing.assert_close(
+            packed_logits[0, start : start + n], plain_logits[i, :n], atol=1e-5, rtol=1e-5
+        )
+        start += n
+    # and attention really is blocked: without the position resets the later examples' logits change
+    leaky = sft.collate([sft.Encoded(packed_rows[0].input_ids, packed_rows[0].labels)], T, 0)
+    assert not torch.allclose(
+        loss_and_logits(leaky)[1][0, len(enc[0].input_ids) : start],
+        packed_logits[0, len(enc[0].input_ids) : start],
+        atol=1e-3,
+    )

@@ -1,14 +1,17 @@
-"""FinetuneConfig: the YAML schema of a supervised fine-tuning run (`configs/finetune/*.yaml`).
+"""FinetuneConfig: the YAML schema of a fine-tuning run (`configs/finetune/*.yaml`).
 
 The batch, optimizer and parallelism sections are the pretraining ones (`pipeline/train/config.py`),
 so DeepSpeed settings come from one place. What is specific to fine-tuning: where the starting
-weights come from (`init_from`), the instruction data, and epochs instead of a token budget.
+weights come from (`init_from`), the task (`sft` on instruction/chat data, or `classify` on
+labelled text), the method (`full` weights or `lora` adapters), epochs instead of a token budget,
+and early stopping on a validation metric.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipeline.errors import ConfigError
 from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
@@ -29,11 +32,21 @@ class FtRunConfig:
 @dataclass
 class SFTDataConfig:
     path: Path = Path("tests/data/sample/instructions.jsonl")
-    """Alpaca-style records {instruction, input, output}: a JSON array file or JSONL."""
+    """SFT: Alpaca {instruction, input, output}, self-instruct {instruction, instances} or chat
+    {messages: [{role, content}]} records, in a JSON array file or JSONL. classify: a CSV, TSV or
+    JSONL file of labelled texts (see the `classify` section)."""
     seq_len: int = 256
-    """Tokens per example (BOS + prompt + response + EOS); longer ones lose the end of the response."""
+    """Tokens per example (BOS + prompt + response + EOS); longer ones lose their end (counted as
+    `truncated` in metrics.jsonl)."""
+    template: Literal["alpaca", "chat"] = "alpaca"
+    """SFT prompt format of Alpaca records: the `### Instruction` template, or the tokenizer's chat
+    template (as one user turn and one assistant turn). Chat records always use the chat template."""
+    pack: bool = False
+    """SFT: pack several examples into each seq_len row (no attention across them); batches then
+    count packed rows, not examples."""
     valid_fraction: float = 0.05
-    """Share of records held out for eval loss, chosen by a hash of the record text."""
+    """Share of records held out for validation (eval loss; accuracy and macro F1 for classify),
+    chosen by a hash of the record's content, so the split does not depend on file order."""
     seed: int = 1234
     """Seed of the split and of the per-epoch shuffle."""
 
@@ -56,6 +69,14 @@ class FtTrainConfig:
     """Optimizer steps between eval-loss passes on the valid split; 0 = only at the end."""
     eval_max_batches: int | None = None
     """Cap on micro batches per rank in one eval pass (None = the whole valid split)."""
+    early_stop_metric: Literal["eval_loss", "accuracy", "macro_f1"] = "eval_loss"
+    """Validation metric that picks the best checkpoint (lower is better for eval_loss, higher for
+    the others; accuracy and macro_f1 need task classify). The best checkpoint is the one exported."""
+    patience: int = 0
+    """Stop after this many evals in a row without improving the metric by `min_delta`; 0 = never
+    stop early (the best checkpoint is still the one kept and exported)."""
+    min_delta: float = 0.0
+    """Smallest change of the metric that counts as an improvement."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -67,19 +88,78 @@ class FtTrainConfig:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.eval_max_batches is not None and self.eval_max_batches < 1:
             raise ConfigError("eval_max_batches", f"must be >= 1 or null, got {self.eval_max_batches}")
+        if self.patience < 0 or self.min_delta < 0:
+            key = "patience" if self.patience < 0 else "min_delta"
+            raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.patience and not self.eval_every:
+            raise ConfigError(
+                "patience", "early stopping needs evals during training: set train.eval_every > 0"
+            )
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    """LoRA rank r of the low-rank update B @ A."""
+    alpha: float = 16.0
+    """Scale of the update: it is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Names (last component) of the Linear layers that get adapters."""
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError("rank", f"must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError("alpha", f"must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("target_modules", "must name at least one module (e.g. q_proj)")
+
+
+@dataclass
+class ClassifySection:
+    text_column: str = "text"
+    """Column holding the text: a name (header row or JSONL key) or a 0-based index as a string."""
+    label_column: str = "label"
+    """Column holding the label, named or indexed like `text_column`."""
+    header: bool = True
+    """CSV/TSV: whether the first row names the columns (false for the VADER files)."""
+    binarize_at: float | None = None
+    """Numeric labels: `negative` below this value, `positive` above it; rows exactly at it are
+    skipped (counted as `label_at_threshold`). None: labels are taken as strings."""
+    labels: list[str] = field(default_factory=list)
+    """Class names in id order; empty = the sorted distinct labels of the training split."""
+
+    def validate(self) -> None:
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("labels", f"must be distinct, got {self.labels}")
+        if self.labels and len(self.labels) < 2:
+            raise ConfigError("labels", f"needs at least 2 classes, got {self.labels}")
 
 
 @dataclass
 class FinetuneConfig:
     init_from: Path
     """Starting weights: a pretraining run dir (its latest checkpoint is exported into this run's
-    `init_hf/`) or a Hugging Face folder (with config.json and tokenizer files)."""
+    `init_step_<N>/`) or a Hugging Face folder (with config.json and tokenizer files)."""
+    task: Literal["sft", "classify"] = "sft"
+    """`sft`: next-token loss on the answers; `classify`: a sequence-classification head."""
+    method: Literal["full", "lora"] = "full"
+    """`full`: train every weight (ZeRO-3 partitions them); `lora`: train peft adapters only, then
+    export the merged model."""
     run: FtRunConfig = field(default_factory=FtRunConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: FtTrainConfig = field(default_factory=FtTrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    classify: ClassifySection = field(default_factory=ClassifySection)
     out: Path | None = None
     """Folder of the exported fine-tuned model; default `<run dir>/hf`."""
 
@@ -90,6 +170,13 @@ class FinetuneConfig:
                 f"{self.init_from} is neither a Hugging Face folder (config.json) nor a pretraining run "
                 "dir (checkpoints/latest)",
             )
+        if self.task == "sft" and self.train.early_stop_metric != "eval_loss":
+            raise ConfigError(
+                "train.early_stop_metric",
+                f"{self.train.early_stop_metric} needs task classify; sft runs stop on eval_loss",
+            )
+        if self.task == "classify" and self.data.pack:
+            raise ConfigError("data.pack", "packing is for sft; classification examples are one per row")
 
     @property
     def run_dir(self) -> Path:

@@ -1,45 +1,49 @@
-"""Supervised fine-tuning data: Alpaca-style records to masked, padded token batches.
+"""Supervised fine-tuning data: instruction records to masked token sequences, packed or padded.
 
-A record is a JSON object with `instruction`, optional `input`, and `output`, read from a
-JSON array file or a JSONL file. Each kept record becomes `BOS + prompt + response + EOS`,
-where the prompt is `PROMPT_TEMPLATE` filled in (the Input block is left out when the input
-is empty). Labels copy the input ids on the response and its EOS and are -100 (ignored by
-the loss) on BOS, every prompt token and padding, so the model learns to answer, not to
-repeat the question. Bad records and truncations are counted by reason and logged with the
-file and line; only an unreadable file is an error.
+Records come from `records.py` (Alpaca, self-instruct or chat). An Alpaca `Example` becomes
+`BOS + prompt + response + EOS` with `PROMPT_TEMPLATE` (template "alpaca"), or is turned into a
+user/assistant conversation (template "chat"). A `Chat` is rendered with the chat template stored
+with the tokenizer (`tokenizer_config.json`, see pipeline/tokenizer/hf.py). Labels copy the input
+ids on what the model must answer (the response and its EOS; for chats every assistant turn and
+its EOS) and are -100 (ignored by the loss) everywhere else: BOS, prompts, role headers, user and
+system turns, padding. Truncations are counted by reason.
+
+Packing (`pack`) concatenates several encoded examples into one row of at most `seq_len` tokens
+with `position_ids` restarting at 0 for each example and no attention mask: transformers then
+builds a block-diagonal causal mask from the position resets (`find_packed_sequence_indices` in
+its masking utils, for the sdpa and eager kernels), so no token attends across examples. Every
+example starts with a masked BOS, so the shifted loss never predicts across a boundary either:
+packed and unpacked batches give the same loss (tests/test_finetune_sft.py checks it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from pipeline.errors import DataError
+from pipeline.finetune.records import (  # noqa: F401  (load_examples, split_examples: re-exported)
+    Chat,
+    Example,
+    Record,
+    as_chat,
+    load_examples,
+    split_examples,
+)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value cross-entropy skips (torch's and transformers' default)
 PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-_MAX_LOGGED = 20  # per file: enough to find the problem without flooding the log
-
-
-@dataclass(frozen=True)
-class Example:
-    """One instruction record; `where` is `file:line` (JSONL) or `file:[index]` (JSON array)."""
-
-    instruction: str
-    input: str
-    output: str
-    where: str = ""
+Template = Literal["alpaca", "chat"]
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -49,113 +53,17 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
 
 
-# ---------------------------------------------------------------- loading
-
-
-def load_examples(path: Path) -> tuple[list[Example], Counter]:
-    """Read a JSON array or JSONL file of records; returns the good ones and bad-record counts."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: instruction data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text: {exc}") from None
-    records = _json_array_records(path, text)
-    if records is None:
-        records = _jsonl_records(path, text)
-    examples, counts, logged = [], Counter(), 0
-    for where, rec in records:
-        ex_or_reason = _to_example(rec, where)
-        if isinstance(ex_or_reason, str):
-            counts[ex_or_reason] += 1
-            if logged < _MAX_LOGGED:
-                log.warning("%s: skipped record (%s)", where, ex_or_reason)
-                logged += 1
-        else:
-            examples.append(ex_or_reason)
-    if not examples:
-        raise DataError(f"{path}: no usable instruction records (skipped: {dict(counts) or 'file is empty'})")
-    if counts:
-        log.warning("%s: kept %d records, skipped %s", path, len(examples), dict(counts))
-    return examples, counts
-
-
-def _json_array_records(path: Path, text: str) -> list[tuple[str, object]] | None:
-    """Records of a file whose content is one JSON array; None when it is not one."""
-    if not text.lstrip().startswith("["):
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
-        ) from None
-    return [(f"{path}:[{i}]", rec) for i, rec in enumerate(data)]
-
-
-def _jsonl_records(path: Path, text: str) -> list[tuple[str, object]]:
-    """Records of a JSONL file; an unparsable line becomes a `bad_json` marker, not an error."""
-    out, parsed = [], 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{lineno}", json.loads(line)))
-            parsed += 1
-        except json.JSONDecodeError:
-            out.append((f"{path}:{lineno}", _BadJson))
-    if out and parsed == 0:
-        raise DataError(f"{path}: not JSON or JSONL (no line parses as JSON)")
-    return out
-
-
-class _BadJson:
-    """Marker for a JSONL line that did not parse."""
-
-
-def _to_example(rec: object, where: str) -> Example | str:
-    """An Example, or the snake_case reason the record is skipped."""
-    if rec is _BadJson:
-        return "bad_json"
-    if not isinstance(rec, dict):
-        return "not_an_object"
-    fields = {}
-    for name in ("instruction", "input", "output"):
-        value = rec.get(name, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            return f"non_string_{name}"
-        fields[name] = value
-    if not fields["instruction"].strip():
-        return "missing_instruction"
-    if not fields["output"].strip():
-        return "missing_output"
-    return Example(fields["instruction"], fields["input"], fields["output"], where)
-
-
-def split_examples(
-    examples: list[Example], valid_fraction: float, seed: int
-) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/valid split by a hash of each record's text (stable under reordering)."""
-    train, valid = [], []
-    for ex in examples:
-        key = f"{seed}\x00{ex.instruction}\x00{ex.input}\x00{ex.output}".encode()
-        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64  # uniform in [0, 1)
-        (valid if u < valid_fraction else train).append(ex)
-    return train, valid
-
-
 # ---------------------------------------------------------------- tokenizing
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one example (unpadded) and its labels, both of the same length."""
+    """Token ids of one example (unpadded) and its labels, both of the same length; a packed row
+    also has `position_ids` (restarting at 0 for each example in it)."""
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
 
 def check_tokenizer(tokenizer, where: Path) -> None:
@@ -168,7 +76,7 @@ def check_tokenizer(tokenizer, where: Path) -> None:
 
 
 def encode_example(tokenizer, ex: Example, seq_len: int) -> tuple[Encoded | None, str | None]:
-    """Tokenize one example; returns (encoded or None, reason: None | 'truncated' | 'prompt_too_long').
+    """Tokenize one Alpaca example; returns (encoded or None, reason: None | 'truncated' | 'prompt_too_long').
 
     Prompt and response are tokenized separately so the mask boundary is exact. Too-long
     examples lose the end of their response (and EOS); an example whose BOS + prompt leaves no
@@ -184,11 +92,72 @@ def encode_example(tokenizer, ex: Example, seq_len: int) -> tuple[Encoded | None
     return Encoded(prompt + response, [IGNORE_INDEX] * len(prompt) + response), reason
 
 
-def encode_examples(tokenizer, examples: list[Example], seq_len: int) -> tuple[list[Encoded], Counter]:
-    """Encode every example; counts `truncated` (kept) and `prompt_too_long` (dropped)."""
+def check_chat_template(tokenizer, where: Path) -> None:
+    """DataError unless the tokenizer carries a chat template (pipeline.tokenizer writes one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: the tokenizer has no chat_template; chat data (or data.template=chat) needs one "
+            "(tokenizers trained with launch/train_tokenizer.py store it in tokenizer_config.json)"
+        )
+
+
+def render_chat(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
+    """The templated text and the character spans the model must produce (assistant content + EOS).
+
+    Each assistant span runs from the end of the prefix rendered with the generation prompt (so
+    the `<|assistant|>` header is excluded) to the end of that turn, minus the template's trailing
+    whitespace; this needs a template whose output for a prefix of the messages is a prefix of
+    the full output, which is checked.
+    """
+    msgs = chat.as_dicts()
+
+    def render(upto: int, gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+
+    text, spans = render(len(msgs)), []
+    for i, (role, _) in enumerate(chat.messages):
+        if role != "assistant":
+            continue
+        head, turn = render(i, gen=True), render(i + 1)
+        if not (turn.startswith(head) and text.startswith(turn)):
+            raise DataError(f"{chat.where}: the chat template does not render message prefixes as prefixes")
+        spans.append((len(head), len(turn.rstrip())))
+    return text, spans
+
+
+def encode_chat(tokenizer, chat: Chat, seq_len: int) -> tuple[Encoded | None, str | None]:
+    """Tokenize one conversation; labels only on assistant tokens (by character offsets), same reasons
+    as `encode_example`. A token is trained on when it starts inside an assistant span."""
+    text, spans = render_chat(tokenizer, chat)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [
+        tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+        for tok, (start, _) in zip(ids, enc["offset_mapping"])
+    ]
+    reason = "truncated" if len(ids) > seq_len else None
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    if all(lab == IGNORE_INDEX for lab in labels):
+        return None, "prompt_too_long"
+    return Encoded(ids, labels), reason
+
+
+def encode_record(
+    tokenizer, ex: Record, seq_len: int, template: Template = "alpaca"
+) -> tuple[Encoded | None, str | None]:
+    """Encode an Alpaca example with its template, or a chat (or an Alpaca example under template chat)."""
+    if isinstance(ex, Example) and template == "alpaca":
+        return encode_example(tokenizer, ex, seq_len)
+    return encode_chat(tokenizer, as_chat(ex), seq_len)
+
+
+def encode_examples(
+    tokenizer, examples: list[Record], seq_len: int, template: Template = "alpaca"
+) -> tuple[list[Encoded], Counter]:
+    """Encode every record; counts `truncated` (kept) and `prompt_too_long` (dropped)."""
     out, counts = [], Counter()
     for ex in examples:
-        enc, reason = encode_example(tokenizer, ex, seq_len)
+        enc, reason = encode_record(tokenizer, ex, seq_len, template)
         if reason:
             counts[reason] += 1
         if enc is not None:
@@ -203,24 +172,48 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def pack(items: list[Encoded], seq_len: int) -> list[Encoded]:
+    """Concatenate examples, in order, into rows of at most `seq_len` tokens (next fit)."""
+    rows: list[Encoded] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for it in items:
+        if ids and len(ids) + len(it.input_ids) > seq_len:
+            rows.append(Encoded(ids, labels, pos))
+            ids, labels, pos = [], [], []
+        ids, labels = ids + it.input_ids, labels + it.labels
+        pos = pos + list(range(len(it.input_ids)))
+    if ids:
+        rows.append(Encoded(ids, labels, pos))
+    return rows
+
+
 def collate(items: list[Encoded], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to a fixed (B, seq_len) batch: input_ids, labels (-100 on padding), attention_mask.
 
-    An empty list gives one row with no targets (a rank with nothing left to evaluate still
-    has to join ZeRO-3's collective forward); it attends to itself so no row is fully masked.
+    Packed rows (with position_ids) get `position_ids` instead of an attention mask: the padding
+    is one more segment (positions 0, 1, ...), attended to by nothing else. An empty list gives
+    one row with no targets (a rank with nothing left to evaluate still has to join ZeRO-3's
+    collective forward); it attends to itself so no row is fully masked.
     """
     if not items:
-        batch = collate([Encoded([pad_id] * seq_len, [IGNORE_INDEX] * seq_len)], seq_len, pad_id)
-        return batch
+        return collate([Encoded([pad_id] * seq_len, [IGNORE_INDEX] * seq_len)], seq_len, pad_id)
     B = len(items)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((B, seq_len), dtype=torch.long)
+    position_ids = torch.arange(seq_len).repeat(B, 1)  # (B, T); overwritten for packed rows
     for i, it in enumerate(items):
         n = len(it.input_ids)
         input_ids[i, :n] = torch.tensor(it.input_ids)
         labels[i, :n] = torch.tensor(it.labels)
         attention_mask[i, :n] = 1
+        if it.position_ids is not None:
+            position_ids[i, :n] = torch.tensor(it.position_ids)
+            position_ids[i, n:] = torch.arange(seq_len - n)
+    if any(it.position_ids is not None for it in items):
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 

@@ -1,18 +1,21 @@
-"""The supervised fine-tuning loop: `finetune(cfg)` from starting weights to an exported HF folder.
+"""The fine-tuning loop: `finetune(cfg)` from starting weights to an exported HF folder.
 
-Runs in every rank under the DeepSpeed launcher and reads top to bottom: start the process group,
-get the starting weights as a Hugging Face folder (exporting a pretraining run's latest checkpoint
-when `init_from` is a run dir), tokenize the instruction data, build the model inside `Engine` (so
-ZeRO-3 partitions it while loading), then per optimizer step: this rank's micro batches, the loss
-normalised by the target tokens of the whole step on all ranks, one optimizer step; log and eval
-every so often; save a DeepSpeed checkpoint at the end and export it on rank 0.
+Runs in every rank under the DeepSpeed launcher (or as one plain `python` process) and reads top
+to bottom: start the process group, get the starting weights as a Hugging Face folder (exporting a
+pretraining run's latest checkpoint when `init_from` is a run dir), build the task's data (SFT:
+masked, optionally packed token sequences; classify: labelled texts), build the model inside
+`Engine` (so ZeRO-3 partitions it while loading; LoRA wraps it in peft adapters first), then per
+optimizer step: this rank's micro batches, the loss normalised by the targets of the whole step
+on all ranks (tokens for SFT, examples for classify), one optimizer step; log every so often;
+every `eval_every` steps (and at the end) evaluate, save a checkpoint when the validation metric
+improved, and stop once it has not for `patience` evals. The best checkpoint is the one kept
+(`checkpoints/latest`, `best.json`) and exported on rank 0.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,42 +26,39 @@ import torch
 from pipeline import dist
 from pipeline.config import save_config
 from pipeline.errors import CheckpointError, DataError
-from pipeline.finetune import sft
+from pipeline.finetune import classify, sft
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
-from pipeline.io import atomic_dir, sha256_file
+from pipeline.finetune.early_stop import EarlyStopper
+from pipeline.finetune.export import export_finetuned, model_config
+from pipeline.finetune.lora import apply_lora
+from pipeline.io import sha256_file, write_json
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainerState
-from pipeline.train.engine import Engine, _init_distributed, consolidated_state_dict, ds_config
-from pipeline.train.export import check_reload, export_hf
+from pipeline.train.engine import Engine, ds_config, init_distributed
+from pipeline.train.export import export_hf
 from pipeline.train.metrics import MetricsWriter
 from pipeline.train.trainer import exit_worker
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
-class SFTData:
+class FtData:
     """Encoded splits (the same on every rank: each rank picks its own micro batches per step)."""
 
-    train: list[sft.Encoded]
-    valid: list[sft.Encoded]
+    train: list
+    valid: list
     pad_id: int
     counts: dict[str, int]
+    labels: list[str] | None = None
+    """classify: class names in id order."""
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune, checkpoint and export; returns the exported folder (the same path on every rank)."""
-    _init_distributed()  # before anything collective: rank 0 may export the init weights first
+    """Fine-tune, keep the best checkpoint and export it; returns the exported folder (on every rank)."""
+    init_distributed()  # before anything collective: rank 0 may export the init weights first
     run_dir = cfg.run_dir
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +74,12 @@ def finetune(cfg: FinetuneConfig) -> Path:
         total_steps=steps,
         world_size=dist.world_size(),
     )
-    engine = Engine(partial(load_model, init_dir, cfg.parallel.precision), ds_cfg)
+    engine_cls = classify.ClassifyEngine if cfg.task == "classify" else Engine
+    engine = engine_cls(partial(load_model, cfg, init_dir, data.labels, data.pad_id), ds_cfg)
     log.info(
-        "fine-tuning %s for %d steps: %d train / %d valid examples, %d ranks (dp %d)",
+        "fine-tuning (%s, %s) %s for %d steps: %d train / %d valid, %d ranks (dp %d)",
+        cfg.task,
+        cfg.method,
         init_dir,
         steps,
         len(data.train),
@@ -88,17 +91,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run starts over from init_from
     metrics = MetricsWriter(run_dir)
     try:
-        state = train_loop(engine, cfg, data, steps, metrics)
+        tag = train_loop(engine, cfg, data, steps, metrics)
     finally:
         metrics.close()
-    state.manifest_fingerprint = sha256_file(cfg.data.path)  # the data this model was tuned on
-    tag = checkpoint.save(engine, run_dir, state, keep_last=1)
-    del engine  # export must not see the live ZeRO-3 context (see export_finetuned)
-    out = cfg.out_dir
+    del engine  # export must not see the live ZeRO-3 context
     if dist.is_main():
-        export_finetuned(run_dir, tag, init_dir, out)
+        export_finetuned(cfg, tag, init_dir, data.labels, data.pad_id)
     dist.barrier()
-    return out
+    return cfg.out_dir
 
 
 def finetune_worker(cfg: FinetuneConfig) -> None:
@@ -126,8 +126,11 @@ def prepare_init(cfg: FinetuneConfig) -> Path:
     return target
 
 
-def build_data(cfg: FinetuneConfig, init_dir: Path) -> SFTData:
-    """Load, split and tokenize the instruction records with the tokenizer saved beside the weights."""
+# ---------------------------------------------------------------- data and model
+
+
+def load_tokenizer(init_dir: Path):
+    """The tokenizer saved beside the weights; DataError when it has more tokens than the model."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(init_dir, local_files_only=True)
@@ -137,17 +140,52 @@ def build_data(cfg: FinetuneConfig, init_dir: Path) -> SFTData:
         raise DataError(
             f"{init_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}"
         )
-    examples, bad = sft.load_examples(cfg.data.path)
-    train_ex, valid_ex = sft.split_examples(examples, cfg.data.valid_fraction, cfg.data.seed)
-    train, train_counts = sft.encode_examples(tokenizer, train_ex, cfg.data.seq_len)
-    valid, valid_counts = sft.encode_examples(tokenizer, valid_ex, cfg.data.seq_len)
-    counts = dict(bad + train_counts + valid_counts)
-    if sft.steps_per_epoch(len(train), cfg.batch.global_size) < 1:
+    return tokenizer
+
+
+def build_data(cfg: FinetuneConfig, init_dir: Path) -> FtData:
+    """Load, split and tokenize the task's data with the tokenizer saved beside the weights."""
+    tokenizer = load_tokenizer(init_dir)
+    data = build_classify_data(cfg, tokenizer) if cfg.task == "classify" else build_sft_data(cfg, tokenizer)
+    if sft.steps_per_epoch(len(data.train), cfg.batch.global_size) < 1:
         raise DataError(
-            f"{cfg.data.path}: {len(train)} usable train examples, fewer than one global batch "
+            f"{cfg.data.path}: {len(data.train)} usable train sequences, fewer than one global batch "
             f"(batch.global_size={cfg.batch.global_size})"
         )
-    return SFTData(train, valid, sft.pad_id_of(tokenizer), counts)
+    log.info("data %s: %s", cfg.data.path, data.counts)
+    return data
+
+
+def build_sft_data(cfg: FinetuneConfig, tokenizer) -> FtData:
+    """Instruction/chat records -> encoded (and, with data.pack, packed) train and valid sequences."""
+    examples, bad = sft.load_examples(cfg.data.path)
+    if cfg.data.template == "chat" or any(isinstance(e, sft.Chat) for e in examples):
+        sft.check_chat_template(tokenizer, cfg.data.path)
+    train_ex, valid_ex = sft.split_examples(examples, cfg.data.valid_fraction, cfg.data.seed)
+    train, train_counts = sft.encode_examples(tokenizer, train_ex, cfg.data.seq_len, cfg.data.template)
+    valid, valid_counts = sft.encode_examples(tokenizer, valid_ex, cfg.data.seq_len, cfg.data.template)
+    counts = {"records": len(examples), **dict(bad + train_counts + valid_counts)}
+    if cfg.data.pack:
+        counts["train_examples_packed"] = len(train)
+        train = sft.pack(train, cfg.data.seq_len)  # valid stays unpacked: the same loss, simpler
+    return FtData(train, valid, sft.pad_id_of(tokenizer), counts)
+
+
+def build_classify_data(cfg: FinetuneConfig, tokenizer) -> FtData:
+    """Labelled rows -> class names and encoded train/valid examples."""
+    rows, bad = classify.load_rows(cfg.data.path, cfg.classify)
+    train_rows, valid_rows = sft.split_examples(
+        rows,
+        cfg.data.valid_fraction,
+        cfg.data.seed,
+        key=lambda r: r.text,  # same text, same split
+    )
+    labels = classify.label_names(cfg.classify, train_rows, cfg.data.path)
+    train, train_counts = classify.encode_rows(tokenizer, train_rows, labels, cfg.data.seq_len)
+    valid, valid_counts = classify.encode_rows(tokenizer, valid_rows, labels, cfg.data.seq_len)
+    counts = {"records": len(rows), **dict(bad + train_counts + valid_counts)}
+    counts["valid_majority_accuracy"] = classify.majority_accuracy(valid)
+    return FtData(train, valid, sft.pad_id_of(tokenizer), counts, labels)
 
 
 def total_steps(cfg: FinetuneConfig, num_train: int, dp_size: int) -> int:
@@ -158,52 +196,66 @@ def total_steps(cfg: FinetuneConfig, num_train: int, dp_size: int) -> int:
     return cfg.train.epochs * sft.steps_per_epoch(num_train, cfg.batch.global_size)
 
 
-def load_model(init_dir: Path, precision: str) -> torch.nn.Module:
-    """The causal LM to fine-tune; called inside Engine so ZeRO-3 partitions it as it loads."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pad_id: int) -> torch.nn.Module:
+    """The model to fine-tune; called inside Engine so ZeRO-3 partitions it as it loads."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(
-        init_dir, dtype=_DTYPES[precision], attn_implementation="sdpa", local_files_only=True
-    )
+    kwargs = dict(dtype=_DTYPES[cfg.parallel.precision], attn_implementation="sdpa", local_files_only=True)
+    if cfg.task == "classify":
+        config = model_config(init_dir, "classify", labels, pad_id)
+        model = AutoModelForSequenceClassification.from_pretrained(init_dir, config=config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(init_dir, **kwargs)
     model.config.use_cache = False  # no KV cache while training
+    if cfg.method == "lora":
+        model = apply_lora(model, cfg.lora, cfg.task)
     return model
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def train_loop(
-    engine: Engine, cfg: FinetuneConfig, data: SFTData, steps: int, metrics: MetricsWriter
-) -> TrainerState:
-    """Run `steps` optimizer steps, logging and evaluating as configured; returns the final state."""
+def train_loop(engine: Engine, cfg: FinetuneConfig, data: FtData, steps: int, metrics: MetricsWriter) -> str:
+    """Run up to `steps` optimizer steps with evals and early stopping; returns the kept checkpoint's tag."""
     metrics.write(
         {"event": "data", "train_examples": len(data.train), "valid_examples": len(data.valid), **data.counts}
     )
-    state, t0 = TrainerState(), time.perf_counter()
+    state = TrainerState(manifest_fingerprint=sha256_file(cfg.data.path))  # the data this model was tuned on
+    stopper = EarlyStopper(cfg.train.early_stop_metric, cfg.train.patience, cfg.train.min_delta)
+    tag, t0 = None, time.perf_counter()
     for step in range(steps):
-        loss, n_tokens = train_step(engine, cfg, data, step)
+        loss, n_targets = train_step(engine, cfg, data, step)
         state.step, state.consumed_samples = step + 1, (step + 1) * cfg.batch.global_size
-        state.consumed_tokens += n_tokens
+        state.consumed_tokens += n_targets
         done = state.step
         if cfg.train.log_every and (done % cfg.train.log_every == 0 or done in (1, steps)):
-            metrics.write(
-                {
-                    "step": done,
-                    "loss": loss,
-                    "lr": engine.lr,
-                    "target_tokens": state.consumed_tokens,
-                    "elapsed_s": round(time.perf_counter() - t0, 3),
-                }
-            )
+            row = {"step": done, "loss": loss, "lr": engine.lr, "targets": state.consumed_tokens}
+            metrics.write({**row, "elapsed_s": round(time.perf_counter() - t0, 3)})
             log.info("step %d/%d  loss %.4f  lr %.2e", done, steps, loss, engine.lr)
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps:
-            eval_loss = evaluate(engine, cfg, data)
-            if eval_loss is not None:
-                metrics.write(
-                    {"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
-                )
-                log.info("step %d  eval loss %.4f", done, eval_loss)
-    return state
+        if not ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps):
+            continue
+        result = evaluate(engine, cfg, data)
+        if result is None:
+            continue
+        metrics.write({"step": done, **result})
+        log.info("step %d  eval %s", done, {k: round(v, 4) for k, v in result.items()})
+        if stopper.update(result[stopper.metric], done):
+            tag = checkpoint.save(engine, cfg.run_dir, state, keep_last=1)
+        if stopper.should_stop:
+            log.info(
+                "early stop at step %d: best %s %.4f at step %d",
+                done,
+                stopper.metric,
+                stopper.best,
+                stopper.best_step,
+            )
+            metrics.write({"event": "early_stop", "step": done, "best_step": stopper.best_step})
+            break
+    if tag is None:  # no valid split (or never a finite metric): keep the final weights
+        tag = checkpoint.save(engine, cfg.run_dir, state, keep_last=1)
+    if dist.is_main():
+        write_json(cfg.run_dir / "best.json", stopper.summary(tag, stopped_early=stopper.should_stop))
+    return tag
 
 
 def _tp(engine: Engine) -> int:
@@ -211,8 +263,19 @@ def _tp(engine: Engine) -> int:
     return engine.world_size // engine.dp_size
 
 
-def train_step(engine: Engine, cfg: FinetuneConfig, data: SFTData, step: int) -> tuple[float, int]:
-    """One optimizer step; returns (mean loss per target token over all ranks, target tokens)."""
+def collate(cfg: FinetuneConfig, data: FtData, items: list) -> dict[str, torch.Tensor]:
+    if cfg.task == "classify":
+        return classify.collate(items, cfg.data.seq_len, data.pad_id)
+    return sft.collate(items, cfg.data.seq_len, data.pad_id)
+
+
+def count_targets(cfg: FinetuneConfig, batch: dict[str, torch.Tensor]) -> int:
+    """Loss terms in a batch: examples (classify) or target tokens (sft)."""
+    return classify.target_count(batch) if cfg.task == "classify" else sft.target_tokens(batch)
+
+
+def train_step(engine: Engine, cfg: FinetuneConfig, data: FtData, step: int) -> tuple[float, int]:
+    """One optimizer step; returns (mean loss per target over all ranks, targets in the step)."""
     micro = sft.train_micro_batches(
         data.train,
         step=step,
@@ -222,8 +285,8 @@ def train_step(engine: Engine, cfg: FinetuneConfig, data: SFTData, step: int) ->
         dp_size=engine.dp_size,
         seed=cfg.data.seed,
     )
-    batches = [sft.collate(mb, cfg.data.seq_len, data.pad_id) for mb in micro]
-    local = torch.tensor([sum(sft.target_tokens(b) for b in batches), 0.0], dtype=torch.float64)
+    batches = [collate(cfg, data, mb) for mb in micro]
+    local = torch.tensor([sum(count_targets(cfg, b) for b in batches), 0.0], dtype=torch.float64)
     n_targets = float(dist.all_reduce_sum(local)[0]) / _tp(engine)
     normalizer = max(n_targets, 1.0)  # a step of only-truncated prompts has no targets: no update
     loss_sum = sum(engine.forward_backward(b, normalizer) for b in batches)
@@ -232,54 +295,45 @@ def train_step(engine: Engine, cfg: FinetuneConfig, data: SFTData, step: int) ->
     return float(total[0]) / _tp(engine) / normalizer, int(n_targets)
 
 
-def evaluate(engine: Engine, cfg: FinetuneConfig, data: SFTData) -> float | None:
-    """Mean loss per target token on the valid split (all ranks take part); None when it is empty."""
-    if not data.valid:
-        return None
-    sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, target tokens)
+def _eval_batches(engine: Engine, cfg: FinetuneConfig, data: FtData):
     batches = sft.eval_micro_batches(
         data.valid, micro_size=cfg.batch.micro_size, dp_rank=engine.dp_rank, dp_size=engine.dp_size
     )
     for i, mb in enumerate(batches):
         if cfg.train.eval_max_batches is not None and i >= cfg.train.eval_max_batches:
             break
-        loss_sum, n = engine.eval_loss_sum(sft.collate(mb, cfg.data.seq_len, data.pad_id))
+        yield collate(cfg, data, mb)
+
+
+def evaluate(engine: Engine, cfg: FinetuneConfig, data: FtData) -> dict[str, float] | None:
+    """Validation metrics (all ranks take part); None when the valid split is empty."""
+    if not data.valid:
+        return None
+    if cfg.task == "classify":
+        return evaluate_classifier(engine, cfg, data)
+    sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, target tokens)
+    for batch in _eval_batches(engine, cfg, data):
+        loss_sum, n = engine.eval_loss_sum(batch)
         sums += torch.tensor([loss_sum, n], dtype=torch.float64)
     dist.all_reduce_sum(sums)
-    return float(sums[0] / sums[1]) if sums[1] > 0 else None
+    if sums[1] == 0:
+        return None
+    loss = float(sums[0] / sums[1])
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-# ---------------------------------------------------------------- the end
-
-
-def export_finetuned(run_dir: Path, tag: str, init_dir: Path, out_dir: Path) -> Path:
-    """Consolidate checkpoints/<tag> into a save_pretrained folder with the init folder's tokenizer.
-
-    The architecture comes from `init_dir/config.json` (a fine-tune run has no model section
-    for `export_hf` to read). One process, no collectives: transformers' ZeRO-3 hook is unset
-    first, or building and reloading the model here would wait for ranks that never join.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    state = consolidated_state_dict(checkpoint.ckpt_root(run_dir), tag)
-    config = AutoConfig.from_pretrained(init_dir, local_files_only=True)
-    config.use_cache = True  # for generation; training turned it off
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{run_dir}/checkpoints/{tag} does not match {init_dir}/config.json: "
-            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        for f in sorted(Path(init_dir).iterdir()):
-            if f.name in TOKENIZER_FILES:
-                shutil.copy2(f, tmp / f.name)
-        check_reload(tmp, config.vocab_size)
-    log.info("exported %s/checkpoints/%s to %s", run_dir, tag, out_dir)
-    return out_dir
+def evaluate_classifier(
+    engine: classify.ClassifyEngine, cfg: FinetuneConfig, data: FtData
+) -> dict[str, float]:
+    """eval_loss (per example), accuracy and macro F1 over the valid split, summed over ranks."""
+    C = len(data.labels)
+    conf = torch.zeros((C, C), dtype=torch.float64)
+    loss = torch.zeros(1, dtype=torch.float64)
+    for batch in _eval_batches(engine, cfg, data):
+        loss_sum, preds = engine.eval_batch(batch)
+        conf += classify.confusion(preds, batch["labels"], C)
+        loss += loss_sum
+    dist.all_reduce_sum(conf)
+    dist.all_reduce_sum(loss)
+    conf, loss = conf / _tp(engine), loss / _tp(engine)
+    return {"eval_loss": float(loss[0] / conf.sum().clamp(min=1)), **classify.scores(conf)}
