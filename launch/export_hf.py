@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.errors import user_errors
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -29,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.train.export import export_hf
 
     setup_logging("INFO")
-    print(export_hf(args.run, args.out, args.tag, dtype=args.dtype))
+    with user_errors():
+        print(export_hf(args.run, args.out, args.tag, dtype=args.dtype))
 
 
 if __name__ == "__main__":

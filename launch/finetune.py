@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import add_config_args, load_config
+from pipeline.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.log import setup_logging
 
     setup_logging("INFO" if dist.is_main() else "WARNING")  # one copy of each progress line
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    finetune_worker(cfg)
+    with user_errors():
+        finetune_worker(load_config(FinetuneConfig, args.config, args.overrides))
 
 
 if __name__ == "__main__":

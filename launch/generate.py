@@ -19,6 +19,8 @@ import argparse
 import os
 from pathlib import Path
 
+from pipeline.errors import user_errors
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.log import setup_logging
 
     setup_logging("WARNING")
-    run_cli(args)
+    with user_errors():
+        run_cli(args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import add_config_args, load_config
+from pipeline.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,11 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.train.trainer import plan, pretrain_worker
 
     setup_logging("INFO")
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if args.check:
-        print(plan(cfg, args.world_size or dist.world_size()))
-        return
-    pretrain_worker(cfg)
+    with user_errors():
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        if args.check:
+            print(plan(cfg, args.world_size or dist.world_size()))
+            return
+        pretrain_worker(cfg)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.errors import user_errors
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -20,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.train.report import render_report
 
-    print(render_report(args.run, args.out))
+    with user_errors():
+        print(render_report(args.run, args.out))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
+
 
 class GristmillError(Exception):
     """Base of every error that points at something the user can fix."""
@@ -26,3 +30,13 @@ class DataError(GristmillError):
 
 class CheckpointError(GristmillError):
     """A checkpoint is missing, incomplete or incompatible with the current run."""
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """For entry points: a GristmillError ends the process with one `error: ...` line on stderr and
+    exit status 1, not a traceback (under a launcher, every rank would print one)."""
+    try:
+        yield
+    except GristmillError as exc:
+        sys.exit(f"error: {exc}")

@@ -147,3 +147,18 @@ def test_blend_mixes_folders_by_weight_and_checks_the_tokenizer(tokens, tmp_path
     assert abs(web_share - 0.75) < 0.02 and valid is not None
     with pytest.raises(ConfigError, match=r"data.blend\[1\].weight: must be > 0"):
         load(tokens, f"data.blend=[{{tokens: {tokens}}}, {{tokens: {web}, weight: 0}}]")
+
+
+def test_launcher_turns_a_config_error_into_one_line(tokens, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_pretrain", REPO / "launch" / "pretrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--config", str(TINY_CPU), f"data.tokens={tokens}", f"model.file={REPO / 'configs/model/tiny.yaml'}"]
+    with pytest.raises(SystemExit) as exc:
+        mod.main([*args, "--check", "--world-size", "8"])
+    assert str(exc.value.code).startswith("error: batch.global_size: must be divisible")
+    with pytest.raises(SystemExit) as exc:
+        mod.main([*args, "--check", "optim.lr_max=1"])
+    assert str(exc.value.code).startswith(f"error: {TINY_CPU}: optim.lr_max: unknown key")
