@@ -155,7 +155,12 @@ def test_launcher_turns_a_config_error_into_one_line(tokens, capsys):
     spec = importlib.util.spec_from_file_location("launch_pretrain", REPO / "launch" / "pretrain.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args = ["--config", str(TINY_CPU), f"data.tokens={tokens}", f"model.file={REPO / 'configs/model/tiny.yaml'}"]
+    args = [
+        "--config",
+        str(TINY_CPU),
+        f"data.tokens={tokens}",
+        f"model.file={REPO / 'configs/model/tiny.yaml'}",
+    ]
     with pytest.raises(SystemExit) as exc:
         mod.main([*args, "--check", "--world-size", "8"])
     assert str(exc.value.code).startswith("error: batch.global_size: must be divisible")
