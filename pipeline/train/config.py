@@ -218,6 +218,10 @@ class TrainLoopConfig:
     and "n/a" for devices it does not know."""
     progress: bool = True
     """A progress bar on rank 0 (when stderr is a terminal, or GRISTMILL_PROGRESS=1)."""
+    wandb_project: str = ""
+    """Also log the metrics rows to this Weights & Biases project ("" = off; needs `pip install wandb`)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline writes the W&B run under <run dir>/wandb for a later `wandb sync` (air-gapped clusters)."""
 
     def validate(self) -> None:
         if self.max_steps < 1:

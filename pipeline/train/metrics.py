@@ -5,12 +5,14 @@ Other ranks get a writer that does nothing, so the loop calls it unconditionally
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from pathlib import Path
 
 from pipeline import dist
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +20,16 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Append rows to run_dir/metrics.jsonl (flushed per row) and scalars to run_dir/tb/."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, wandb: dict | None = None):
+        """`wandb`: keyword arguments for `wandb.init` (project, mode, name, config), or None for no W&B."""
         self.enabled = dist.is_main()
         self._fh = None
         self._tb = None
+        self._wandb = None
         if not self.enabled:
             return
+        if wandb:
+            self._wandb = _start_wandb(run_dir, wandb)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
@@ -45,6 +51,9 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, row["step"])
+        if self._wandb is not None and "step" in row:
+            nums = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wandb.log(nums, step=row["step"])
 
     def close(self) -> None:
         if self._fh is not None:
@@ -53,6 +62,21 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, settings: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "train.wandb_project", "is set but wandb is not installed: pip install wandb"
+        ) from None
+    # resume="allow" with a run id fixed by the run dir: a resumed run appends to the same W&B run.
+    run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(dir=str(run_dir), id=run_id, resume="allow", **settings)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.config import save_config
+from pipeline.config import save_config, to_dict
 from pipeline.errors import CheckpointError, DataError
 from pipeline.io import sha256_file, write_json
 from pipeline.log import progress
@@ -140,7 +140,16 @@ def train(cfg: PretrainConfig) -> RunResult:
     state = _initial_state(rcfg, engine, fingerprint)
     if saved is not None:
         state = _resume(rcfg, engine, tag, saved)
-    loop = Loop(rcfg, engine, train_data, valid_data, state, MetricsWriter(run_dir), stop, Faults.from_env())
+    loop = Loop(
+        rcfg,
+        engine,
+        train_data,
+        valid_data,
+        state,
+        MetricsWriter(run_dir, wandb=_wandb_settings(rcfg)),
+        stop,
+        Faults.from_env(),
+    )
     try:
         result = loop.run()
     finally:
@@ -230,6 +239,13 @@ def _write_layout(rcfg: ResolvedPretrainConfig, engine: Engine) -> None:
             "params": engine.layout(),
         },
     )
+
+
+def _wandb_settings(rcfg: ResolvedPretrainConfig) -> dict | None:
+    t = rcfg.train
+    if not t.wandb_project:
+        return None
+    return {"project": t.wandb_project, "mode": t.wandb_mode, "name": rcfg.run.name, "config": to_dict(rcfg)}
 
 
 def _loaders(rcfg: ResolvedPretrainConfig) -> tuple[TokenLoader | BlendedLoader, TokenLoader | None]:
