@@ -113,7 +113,7 @@ def read_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
     A file whose last frame never ends raises DataError after its complete lines: a truncated
     shard must not read as a shorter, valid one."""
     tail = b""
-    for chunk in _zstd_chunks(path):
+    for chunk in zstd_chunks(path):
         lines = (tail + chunk).split(b"\n")
         tail = lines.pop()
         yield from (json.loads(line) for line in lines if line.strip())
@@ -121,7 +121,9 @@ def read_jsonl_zst(path: str | os.PathLike) -> Iterator[dict]:
         yield json.loads(tail)
 
 
-def _zstd_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+def zstd_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed bytes of a zstd file (concatenated frames too); DataError naming it when it is
+    not zstd or its last frame never ends."""
     import zstandard
 
     d = zstandard.ZstdDecompressor().decompressobj()
@@ -136,4 +138,6 @@ def _zstd_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes
         except zstandard.ZstdError as exc:
             raise DataError(f"{path}: unreadable zstd ({exc})") from None
     if not d.eof:
-        raise DataError(f"{path}: truncated zstd stream (its last frame never ends, or the file is empty)")
+        raise DataError(
+            f"{path}: unreadable: truncated zstd stream (its last frame never ends, or the file is empty)"
+        )

@@ -66,7 +66,9 @@ def tiny_corpus(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def make_tokenizer_dir(folder: Path, texts: list[str], vocab_size: int = 300) -> Path:
+def make_tokenizer_dir(
+    folder: Path, texts: list[str], vocab_size: int = 300, character_coverage: float = 0.9995
+) -> Path:
     """Train a real SentencePiece BPE model and add the HF files so AutoTokenizer loads it offline."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
@@ -77,6 +79,7 @@ def make_tokenizer_dir(folder: Path, texts: list[str], vocab_size: int = 300) ->
         model_prefix=str(folder / "spm"),
         vocab_size=vocab_size,
         model_type="bpe",
+        character_coverage=character_coverage,
         pad_id=0,
         unk_id=1,
         bos_id=2,

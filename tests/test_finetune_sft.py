@@ -6,9 +6,9 @@ tokenizer and a tiny real model)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+import dist_helpers
 import pytest
 import torch
 from finetune_helpers import ft_init  # noqa: F401, F811  (a fixture)
@@ -22,29 +22,8 @@ SAMPLE = Path(__file__).resolve().parent / "data" / "sample" / "instructions.jso
 
 
 def make_tokenizer_dir(folder: Path, texts: list[str], vocab_size: int = 320) -> Path:
-    """Train a tiny byte-fallback SentencePiece model and write a folder AutoTokenizer loads offline."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=str(folder / "sp"),
-        vocab_size=vocab_size,
-        model_type="bpe",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        byte_fallback=True,
-        character_coverage=0.99,
-        minloglevel=2,
-    )
-    shutil.move(folder / "sp.model", folder / "tokenizer.model")
-    (folder / "sp.vocab").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds tokenizer.json
-    return folder
+    """A tiny byte-fallback SentencePiece tokenizer folder that AutoTokenizer loads offline."""
+    return dist_helpers.make_tokenizer_dir(folder, texts, vocab_size, character_coverage=0.99)
 
 
 @pytest.fixture(scope="module")

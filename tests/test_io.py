@@ -74,7 +74,7 @@ def test_truncated_zst_raises_after_its_complete_rows(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     seen = []
-    with pytest.raises(DataError, match="rows.jsonl.zst: truncated"):
+    with pytest.raises(DataError, match="rows.jsonl.zst: unreadable: truncated zstd"):
         seen.extend(io.read_jsonl_zst(path))
     assert seen == rows[: len(seen)]
 

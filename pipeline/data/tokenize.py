@@ -24,7 +24,7 @@ from pipeline.data.config import TokenizeConfig
 from pipeline.data.indexed import IndexedWriter, bin_path, dtype_for_vocab, idx_path
 from pipeline.data.manifest import write_manifest
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import read_jsonl_zst, sha256_file, write_json
+from pipeline.io import read_jsonl_zst, sha256_file, write_json, zstd_chunks
 
 __all__ = ["tokenize_file", "write_manifest", "is_valid", "shard_stem"]
 
@@ -70,25 +70,10 @@ def _records(src: Path):
 
 
 def check_complete(src: Path) -> None:
-    """DataError unless every zstd frame of `src` ends: a truncated .zst otherwise reads as fewer
-    (or no) records without any error, and the missing documents would vanish silently."""
-    import zstandard
-
-    d = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        with open(src, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                while chunk:  # concatenated frames: a fresh decompressor for each
-                    d.decompress(chunk)
-                    chunk = d.unused_data if d.eof else b""
-                    if chunk:
-                        d = zstandard.ZstdDecompressor().decompressobj()
-    except zstandard.ZstdError as exc:
-        raise DataError(f"{src}: unreadable zstd ({exc})") from None
-    if not d.eof:
-        raise DataError(
-            f"{src}: unreadable: truncated zstd stream (its last frame never ends); run the clean step again"
-        )
+    """DataError unless every zstd frame of `src` ends: checked before any output is written, so a
+    truncated shard fails before the stage has spent time on it."""
+    for _ in zstd_chunks(src):
+        pass
 
 
 def _documents(src: Path, bad: Counter):

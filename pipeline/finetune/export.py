@@ -23,17 +23,9 @@ from pipeline.finetune.lora import load_lora_state, merge_checked
 from pipeline.io import atomic_dir
 from pipeline.train import checkpoint
 from pipeline.train.engine import consolidated_state_dict
+from pipeline.train.export import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def model_config(init_dir: Path, task: str, labels: list[str] | None = None, pad_id: int | None = None):
