@@ -212,7 +212,7 @@ def majority_accuracy(items: list[Labeled]) -> float:
 class ClassifyEngine(Engine):
     """The DeepSpeed engine with a classification loss: cross-entropy of (B, C) logits against (B,) labels."""
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.class_logits(batch)
         return F.cross_entropy(
             logits.float(), batch["labels"].to(self.device), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -283,8 +283,9 @@ class Engine:
             getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", 1.0)
         )
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the batch's target tokens (fp32)."""
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of next-token cross-entropy over the batch's target tokens (fp32). The hook for other
+        heads: a subclass overrides it (fine-tuning's classification engine does) and keeps step/eval."""
         inputs = {
             k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch
         }
@@ -308,7 +309,7 @@ class Engine:
         `normalizer` is the number of target tokens in the whole optimizer step on all ranks.
         `poison` multiplies the loss by NaN (fault injection for tests of the non-finite path).
         """
-        loss_sum = self._loss_sum(batch)
+        loss_sum = self.loss_sum(batch)
         if poison:
             loss_sum = loss_sum * float("nan")
         # DeepSpeed divides by grad_accum in backward() and averages gradients over dp ranks;
@@ -342,7 +343,7 @@ class Engine:
         """(token-loss sum, target tokens) of one batch, without gradients; call on every rank."""
         self.ds.eval()
         try:
-            loss_sum = self._loss_sum(batch)
+            loss_sum = self.loss_sum(batch)
         finally:
             self.ds.train()
         targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
