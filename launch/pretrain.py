@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline import dist
     from pipeline.log import setup_logging
     from pipeline.train.config import PretrainConfig
-    from pipeline.train.trainer import plan, pretrain_worker
+    from pipeline.train.plan import plan
+    from pipeline.train.trainer import pretrain_worker
 
     setup_logging("INFO")
     with user_errors():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.train.export import shard_plan, write_safetensors
-from pipeline.train.trainer import state_bytes
+from pipeline.train.plan import state_bytes
 
 
 def test_shard_plan_caps_bytes_and_keeps_order():
