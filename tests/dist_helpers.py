@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.data.indexed import bin_path, dtype_for_vocab, idx_path, write_indexed
 from pipeline.io import sha256_file, write_json
@@ -230,3 +231,11 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def check(proc, rc: int = 0) -> None:
+    """Fail the test with the tails of a launcher's stdout and stderr unless it exited with `rc`."""
+    if proc.returncode != rc:
+        pytest.fail(
+            f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import REPO, make_corpus, run_launcher, run_single
+from dist_helpers import REPO, check, make_corpus, run_launcher, run_single
 
 from pipeline.errors import CheckpointError
 from pipeline.train import checkpoint, telemetry
@@ -101,13 +101,6 @@ def args(corpus: Path, runs: Path, name: str, max_steps: int, *extra: str) -> li
         "train.eval_batches=1",
         *extra,
     ]
-
-
-def check(proc, rc: int = 0) -> None:
-    if proc.returncode != rc:
-        pytest.fail(
-            f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
 
 
 @pytest.fixture(scope="module")

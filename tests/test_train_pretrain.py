@@ -26,6 +26,7 @@ import pytest
 import torch
 from dist_helpers import (
     REPO,
+    check,
     free_port,
     launcher_cmd,
     make_corpus,
@@ -67,13 +68,6 @@ def overrides(corpus: Path, runs: Path, name: str, max_steps: int = STEPS, *extr
         "train.eval_batches=2",
         *extra,
     ]
-
-
-def check(proc, rc: int = 0) -> None:
-    if proc.returncode != rc:
-        pytest.fail(
-            f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
 
 
 def preempted_run(args: list[str], run_dir: Path, at_step: int = 2, timeout: int = 300) -> int:
