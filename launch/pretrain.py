@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import add_config_args, load_config
+from pipeline.config import add_config_args, load_config, located
 from pipeline.errors import user_errors
 
 
@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("INFO")
     with user_errors():
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        if args.check:
-            print(plan(cfg, args.world_size or dist.world_size()))
-            return
-        pretrain_worker(cfg)
+        with located(cfg):
+            if args.check:
+                print(plan(cfg, args.world_size or dist.world_size()))
+                return
+            pretrain_worker(cfg)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,25 @@ Each job has a dataclass tree (sections are nested dataclasses). `load_config` r
 unknown keys (with a did-you-mean), wrong scalar types and missing required keys, naming
 the file and the dotted key, then runs every section's `validate()`. Nothing is executed:
 YAML is read with the safe loader and override values are parsed as YAML scalars.
+
+Every loaded section remembers where its keys came from, so an error found later (a rule
+across sections, the world size, the tokenizer's vocabulary) still names the place to fix:
+`located(cfg)` gives a ConfigError without a file the file the key was set in, or the
+command-line override that set it (`origin(section, key)` answers for one key).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -28,16 +37,100 @@ _MISSING = dataclasses.MISSING
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Read `path` (may be None for all defaults), apply overrides, build and validate `cls`."""
-    file = str(path) if path is not None else None
     raw = _read_yaml(Path(path)) if path is not None else {}
+    sources = Sources(str(path) if path is not None else None, raw)
+    raw = copy.deepcopy(raw)  # the overrides change this copy; `sources` keeps the file's data
     for item in overrides:
-        _apply_override(raw, item)
+        try:
+            _apply_override(raw, item)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.msg, f"command line '{item}'") from None
+        sources.cli[item.partition("=")[0].strip().lstrip("-")] = item
     try:
         cfg = _build(cls, raw, "")
+        _attach(cfg, sources, "")
         _validate_tree(cfg)
     except ConfigError as exc:
-        raise ConfigError(exc.key, exc.msg, file) from None
+        raise ConfigError(exc.key, exc.msg, exc.file or sources.where(exc.key)) from None
     return cfg
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _parts(key: str) -> list[str | int]:
+    """'data.blend[1].weight' -> ['data', 'blend', 1, 'weight']."""
+    out: list[str | int] = []
+    for part in key.split(".") if key else []:
+        name, *indices = _INDEX.split(part)
+        out += [name] if name else []
+        out += [int(i) for i in indices if i]
+    return out
+
+
+@dataclasses.dataclass
+class Sources:
+    """Where a loaded config's keys came from: its YAML file, or command-line overrides."""
+
+    file: str | None
+    raw: dict
+    """The file's data, before overrides."""
+    cli: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Overridden dotted key -> the `key=value` argument that set it."""
+
+    def where(self, key: str) -> str | None:
+        """The override that set `key` (or a section above it, or made a section the file lacks),
+        else the file (also for a key left at its default: the file is where to set it); None for
+        defaults without a file."""
+        parts = _parts(key)
+        for cli_key, item in reversed(self.cli.items()):
+            cli_parts = _parts(cli_key)
+            if parts[: len(cli_parts)] == cli_parts:
+                return f"command line '{item}'"
+            if parts and cli_parts[: len(parts)] == parts and not self._in_file(parts):
+                return f"command line '{item}'"
+        return self.file
+
+    def _in_file(self, parts: list[str | int]) -> bool:
+        node: Any = self.raw
+        for part in parts:
+            listed = isinstance(part, int) and isinstance(node, list) and part < len(node)
+            if not (listed or (isinstance(node, dict) and part in node)):
+                return False
+            node = node[part]
+        return True
+
+
+def _attach(cfg: Any, sources: Sources, prefix: str) -> None:
+    """Give every section of a loaded tree its Sources and its dotted path (see `origin`)."""
+    object.__setattr__(cfg, "_sources", (sources, prefix))
+    for f in dataclasses.fields(cfg):
+        child = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(child):
+            _attach(child, sources, _join(prefix, f.name))
+        elif isinstance(child, (list, tuple)):
+            for i, item in enumerate(child):
+                if dataclasses.is_dataclass(item):
+                    _attach(item, sources, f"{_join(prefix, f.name)}[{i}]")
+
+
+def origin(section: Any, key: str) -> str | None:
+    """Where `key` (relative to `section`, a section of a loaded config) was set: the file, or
+    "command line 'key=value'"; None when the section was not made by load_config."""
+    sources, prefix = getattr(section, "_sources", (None, ""))
+    return sources.where(_join(prefix, key)) if sources else None
+
+
+@contextlib.contextmanager
+def located(cfg: Any) -> Iterator[None]:
+    """Around code that uses a loaded config: a ConfigError raised without a file (a rule across
+    sections, the world size, the vocabulary) gets the place its key was set."""
+    try:
+        yield
+    except ConfigError as exc:
+        if exc.file is not None:
+            raise
+        raise ConfigError(exc.key, exc.msg, origin(cfg, exc.key)) from None
 
 
 def _read_yaml(path: Path) -> dict:

@@ -161,9 +161,15 @@ def test_launcher_turns_a_config_error_into_one_line(tokens, capsys):
         f"data.tokens={tokens}",
         f"model.file={REPO / 'configs/model/tiny.yaml'}",
     ]
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # a world-size rule names the file the batch came from
         mod.main([*args, "--check", "--world-size", "8"])
-    assert str(exc.value.code).startswith("error: batch.global_size: must be divisible")
+    assert str(exc.value.code).startswith(f"error: {TINY_CPU}: batch.global_size: must be divisible")
+    tp = ["parallel.tp_size=2", "parallel.zero_stage=1", "model.overrides.tie_embeddings=false"]
+    with pytest.raises(SystemExit) as exc:  # ... or the override that set the key
+        mod.main([*args, "--check", "--world-size", "3", *tp])
+    assert str(exc.value.code).startswith(
+        "error: command line 'parallel.tp_size=2': parallel.tp_size: must divide the world size (3)"
+    )
     with pytest.raises(SystemExit) as exc:
         mod.main([*args, "--check", "optim.lr_max=1"])
-    assert str(exc.value.code).startswith(f"error: {TINY_CPU}: optim.lr_max: unknown key")
+    assert str(exc.value.code).startswith("error: command line 'optim.lr_max=1': optim.lr_max: unknown key")
