@@ -10,11 +10,13 @@ time at the end: the gap between the two plain rows is the noise of the machine.
     DS_ACCELERATOR=cpu deepspeed -q --num_gpus 2 bench/train_step.py    # world size 2
     deepspeed --num_gpus 8 bench/train_step.py --model configs/model/llama_1b3.yaml --vocab 32000 \\
         --seq-len 2048 --micro 4 --precision bf16 --zero 3           # on GPUs: adds MFU
+    python bench/train_step.py ... --json out.json                   # the rows for a script (gpu_acceptance.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--zero", type=int, nargs="+", default=[0, 3], help="ZeRO stages to measure (0 = off)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -162,12 +165,30 @@ def main() -> None:
             f"\nworld size {dist.world_size()}, {device_name()}, {args.precision}, micro {args.micro} x accum "
             f"{args.accum} x seq {args.seq_len}, model {mcfg.num_layers} x {mcfg.hidden_size}"
         )
-        print(f"{'loop':<22}{'tokens/s':>12}{'tok/s/dev':>12}{'vs plain':>10}{'MFU':>8}")
+        print(f"{'loop':<22}{'tokens/s':>12}{'tok/s/dev':>12}{'TFLOP/s/dev':>13}{'vs plain':>10}{'MFU':>8}")
+        table = []
         for name, sec in rows:
             tok_s = tokens / sec
-            mfu = telemetry.mfu(tok_s * fpt / dist.world_size() / 1e12, peak)
+            tflops = tok_s * fpt / dist.world_size() / 1e12  # model FLOPs (6N + attention) per device
+            mfu = telemetry.mfu(tflops, peak)
             mfu_s = mfu if isinstance(mfu, str) else f"{mfu:.1%}"
-            print(f"{name:<22}{tok_s:>12.0f}{tok_s / dist.world_size():>12.0f}{base / sec:>10.3f}{mfu_s:>8}")
+            print(
+                f"{name:<22}{tok_s:>12.0f}{tok_s / dist.world_size():>12.0f}{tflops:>13.1f}"
+                f"{base / sec:>10.3f}{mfu_s:>8}"
+            )
+            table.append(
+                {
+                    "loop": name,
+                    "tokens_per_s": tok_s,
+                    "tflops_per_device": tflops,
+                    "vs_plain": base / sec,
+                    "mfu": mfu,
+                }
+            )
+        if args.json:
+            args.json.write_text(
+                json.dumps({"device": device_name(), "precision": args.precision, "rows": table})
+            )
     sys.stdout.flush()
     dist.barrier()
     torch.distributed.destroy_process_group()

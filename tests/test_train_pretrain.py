@@ -359,11 +359,31 @@ def test_check_prints_the_plan(corpus, capsys, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_report_png(runs, tmp_path):
+def test_report_png_plots_the_runs_metrics(runs, tmp_path, monkeypatch):
+    """The curves in the figure are metrics.jsonl's (split was stopped and resumed: a step trained
+    twice is plotted once, with its last row), and the PNG on disk is that figure."""
+    import matplotlib.figure
     import matplotlib.image as mpimg
 
     from pipeline.train.report import render_report
 
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or savefig(fig, *a, **k)
+    )
     out = render_report(runs / "split", tmp_path / "report.png")
+    rows = [json.loads(line) for line in (runs / "split" / "metrics.jsonl").read_text().splitlines()]
+
+    def want(key: str) -> list[tuple[float, float]]:
+        last = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+        return sorted(last.items())
+
+    (fig,) = figures
+    ax_loss, ax_lr, _, ax_norm = fig.axes[:4]
+    plotted = {line.get_label(): line.get_xydata().tolist() for line in ax_loss.get_lines()}
+    assert plotted["train"] == [list(p) for p in want("loss")] and len(plotted["train"]) >= STEPS - 1
+    assert plotted["validation"] == [list(p) for p in want("eval_loss")] and plotted["validation"]
+    assert ax_lr.get_lines()[0].get_xydata().tolist() == [list(p) for p in want("lr")]
+    assert ax_norm.get_lines()[0].get_xydata().tolist() == [list(p) for p in want("grad_norm")]
     height, width = mpimg.imread(out).shape[:2]
-    assert width >= 1000 and height >= 600
+    assert (width, height) == tuple(round(v * fig.dpi) for v in fig.get_size_inches())
