@@ -52,6 +52,7 @@ def render_markdown(report: dict) -> str:
         )
     lines += _dedup_section(report.get("dedup"))
     lines += _shard_section(clean)
+    lines += _web_section(clean)
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +87,49 @@ def _shard_section(clean: dict | None) -> list[str]:
             f"| {name} | {s.get('format', '')} | {t['in']:,} | {t['kept']:,} | {_fmt_reasons(t['errors'])} "
             f"| {'yes' if s.get('skipped') else ''} |"
         )
+    return out
+
+
+def web_rows(clean: dict | None) -> list[dict]:
+    """Per WARC input file, where its HTTP responses went: seen, not 200, not HTML, HTML, body errors,
+    no main content, extracted (the reader's `http_*` reasons and the html stage; see warc.py)."""
+    rows = []
+    for name, s in sorted((clean or {}).get("shards", {}).items()):
+        stages = {e["name"]: e for e in s["stages"]}
+        if s.get("format") != "warc" or "read" not in stages:
+            continue
+        read, html = stages["read"], stages.get("html", {"kept": stages["read"]["kept"], "dropped": {}})
+        dropped = read["dropped"]
+        body_errors = sum(n for k, n in read["errors"].items() if k.startswith("http_"))
+        row = {"file": name, "records": read["in"], "status": dropped.get("http_status", 0)}
+        row["content_type"] = dropped.get("http_content_type", 0)
+        row["html"] = read["kept"] + body_errors
+        row["responses"] = row["html"] + row["status"] + row["content_type"]
+        row["body_errors"] = body_errors
+        row["no_main_content"] = sum(html["dropped"].values())
+        row["extracted"] = html["kept"]
+        rows.append(row)
+    return rows
+
+
+def _web_section(clean: dict | None) -> list[str]:
+    rows = web_rows(clean)
+    if not rows:
+        return []
+    out = [
+        "",
+        "## WARC inputs",
+        "",
+        "HTTP responses per file, and where they stopped: status not 200, content type not HTML, body "
+        "that did not decode, no main content; the rest were extracted.",
+        "",
+        "| file | records | HTTP responses | status | content type | HTML | body errors | no main content "
+        "| extracted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = ("records", "responses", "status", "content_type", "html", "body_errors", "no_main_content")
+    for r in rows:
+        out.append(f"| {r['file']} | " + " | ".join(f"{r[k]:,}" for k in (*keys, "extracted")) + " |")
     return out
 
 
