@@ -34,7 +34,7 @@ from pipeline.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-CLEAN_VERSION = 2
+CLEAN_VERSION = 3
 """Bump when reader/extractor/filter code changes what a shard holds, so old shards are redone."""
 BATCH_DOCS = 256  # documents per run_stages call: bounds memory, does not change the output
 ZSTD_LEVEL = 3
