@@ -50,10 +50,69 @@ def render_markdown(report: dict) -> str:
             f"| {row['name']} | {row['in']:,} | {row['kept']:,} | {_fmt_reasons(row['dropped'])} "
             f"| {_fmt_reasons(row['errors'])} |"
         )
+    lines += _language_section(clean)
+    lines += _noted_section(clean)
     lines += _dedup_section(report.get("dedup"))
     lines += _shard_section(clean)
     lines += _web_section(clean)
     return "\n".join(lines) + "\n"
+
+
+def language_rates(clean: dict | None) -> dict[str, dict]:
+    """Per language, over the per-language quality rules: documents entering the first rule, kept
+    after the last, the keep rate, and the rules that had no settings for it (not applied)."""
+    rows = [r for r in (clean or {}).get("stages", []) if r.get("languages")]
+    out: dict[str, dict] = {}
+    for lang in sorted({lang for r in rows for lang in r["languages"]}):
+        tallies = [(r["name"], r["languages"].get(lang)) for r in rows]
+        tallies = [(name, t) for name, t in tallies if t]
+        n_in, kept = tallies[0][1]["in"], tallies[-1][1]["kept"]
+        out[lang] = {
+            "in": n_in,
+            "kept": kept,
+            "rate": round(kept / n_in, 4) if n_in else None,
+            "not_applied": [name for name, t in tallies if t.get("not_applied")],
+        }
+    return out
+
+
+def _language_section(clean: dict | None) -> list[str]:
+    rates = language_rates(clean)
+    if not rates:
+        return []
+    from pipeline.data.words import splitter_name
+
+    out = [
+        "",
+        "## Quality rules per language",
+        "",
+        "Documents the per-language rules saw (after language ID; skipped sources excluded), kept after "
+        "the last rule. A rule with no settings for a language is not applied to it.",
+        "",
+        "| language | words split by | in | kept | keep rate | rules not applied |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for lang, r in sorted(rates.items(), key=lambda kv: -kv[1]["in"]):
+        rate = f"{r['rate']:.1%}" if r["rate"] is not None else "-"
+        missing = ", ".join(r["not_applied"]) or "-"
+        out.append(f"| {lang} | {splitter_name(lang)} | {r['in']:,} | {r['kept']:,} | {rate} | {missing} |")
+    return out
+
+
+def _noted_section(clean: dict | None) -> list[str]:
+    """Repairs and flags (Counts.noted) per stage: replaced surrogates, BOMs, markup-leak lines."""
+    rows = [(r["name"], r.get("noted", {})) for r in (clean or {}).get("stages", [])]
+    leaks = sum(noted.get("markup_leak_lines", 0) for _, noted in rows)
+    out = [
+        "",
+        "## Repairs and flags",
+        "",
+        f"Wiki markup-leak lines (`{{{{`, `}}}}`, `[[`, `]]`, `| key =`): {leaks:,}.",
+    ]
+    for name, noted in rows:
+        if noted:
+            out.append(f"- {name}: {_fmt_reasons(noted)}")
+    return out
 
 
 def _dedup_section(d: dict | None) -> list[str]:

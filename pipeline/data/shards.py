@@ -147,7 +147,9 @@ def _write_docs(
 def _stats(unit: Unit, read: Counts, per_stage: dict[str, Counts], cfg_hash: str, chars: int) -> dict:
     """Per-stage counters and the file's totals (in = kept + dropped + errors)."""
     stages = {"read": read, **per_stage}
-    totals = Counts.merge([Counts(dropped=c.dropped, errors=c.errors) for c in stages.values()])
+    totals = Counts.merge(
+        [Counts(dropped=c.dropped, errors=c.errors, noted=c.noted) for c in stages.values()]
+    )
     totals.kept = list(stages.values())[-1].kept  # survivors of the last stage
     assert totals.total_in == read.total_in, "accounting broken: documents disappeared between stages"
     return {
