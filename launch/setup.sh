@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up Gristmill in ./.venv (created if missing). To use an environment of your own instead,
-# install torch as you like, then `pip install -e ".[dev]" -c constraints.txt`.
+# install torch as you like, then `pip install -e ".[dev]" -c constraints.txt`
+# (constraints.txt is written by launch/freeze_constraints.py).
 #
 #   bash launch/setup.sh                # the package and its runtime dependencies
 #   bash launch/setup.sh dev            # ... plus pytest and ruff

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 import pytest
 from helpers import assert_accounting
 
-from pipeline.data.config import CleanConfig
+from pipeline.data.config import CleanConfig, FiltersConfig
 from pipeline.data.document import Counts, Document
-from pipeline.data.filters import MinLength, Normalize, build_filters, normalize_text
+from pipeline.data.filters import FILTERS, MinLength, Normalize, build_filters, build_quality, normalize_text
 from pipeline.data.stage import Stage, run_stages
 
 
@@ -46,9 +47,16 @@ def test_min_length_reasons():
     assert counts.dropped == {"empty": 1, "too_short": 1}
 
 
-def test_chain_from_config():
+def test_registry_and_chain_from_config():
     chain = build_filters(CleanConfig(min_chars=5))
     assert [s.name for s in chain] == ["normalize", "min_length"] and chain[1].min_chars == 5
+    # one registry entry per `filters` section that can be enabled, each building its own stage
+    sections = [f.name for f in fields(FiltersConfig) if hasattr(getattr(FiltersConfig(), f.name), "enabled")]
+    assert sorted(FILTERS) == sorted(sections)
+    cfg = FiltersConfig()
+    for name in FILTERS:
+        getattr(cfg, name).enabled = True
+    assert [s.name for s in build_quality(cfg)] == list(FILTERS)
 
 
 class Explodes(Stage):

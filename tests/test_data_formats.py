@@ -11,7 +11,7 @@ from helpers import assert_accounting
 from pipeline.data.config import ReadConfig
 from pipeline.data.formats import detect_format, extraction_stages, open_reader
 from pipeline.data.stage import run_stages
-from pipeline.data.warc import WarcReader, decode_html
+from pipeline.data.warc import WarcReader
 from pipeline.errors import DataError
 
 WEB = {  # file (under web/) -> (format, records, kept); counts from SOURCES.md
@@ -77,15 +77,6 @@ def test_wet_keeps_its_language_header(raw_samples):
     [doc] = list(WarcReader(raw_samples / "web" / "CC-MAIN-2024-22-whirlwind.warc.wet.gz", wet=True))
     assert doc.meta["language"] == "spa" and doc.meta["url"] == "https://an.wikipedia.org/wiki/Escopete"
     assert "Escopete" in doc.text
-
-
-def test_charset_order_http_then_meta_then_detection():
-    assert decode_html("caf\u00e9".encode("cp1252"), "windows-1252") == ("caf\u00e9", "cp1252")
-    page = '<html><head><meta charset="windows-1251"></head><body>Привет мир</body></html>'
-    text, enc = decode_html(page.encode("cp1251"), None)
-    assert "Привет мир" in text and enc in ("cp1251", "windows-1251")
-    text, _ = decode_html(b"plain ascii", "no-such-charset")
-    assert text == "plain ascii"
 
 
 def test_trafilatura_option(raw_samples):

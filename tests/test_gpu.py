@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dist_helpers import REPO, check, make_corpus, read_losses, run_launcher
 
-from pipeline.train.metrics import read_metrics
+from pipeline.runtime.metrics import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -34,7 +34,7 @@ from pipeline.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-CLEAN_VERSION = 2
+CLEAN_VERSION = 3
 """Bump when reader/extractor/filter code changes what a shard holds, so old shards are redone."""
 BATCH_DOCS = 256  # documents per run_stages call: bounds memory, does not change the output
 ZSTD_LEVEL = 3
@@ -147,7 +147,9 @@ def _write_docs(
 def _stats(unit: Unit, read: Counts, per_stage: dict[str, Counts], cfg_hash: str, chars: int) -> dict:
     """Per-stage counters and the file's totals (in = kept + dropped + errors)."""
     stages = {"read": read, **per_stage}
-    totals = Counts.merge([Counts(dropped=c.dropped, errors=c.errors) for c in stages.values()])
+    totals = Counts.merge(
+        [Counts(dropped=c.dropped, errors=c.errors, noted=c.noted) for c in stages.values()]
+    )
     totals.kept = list(stages.values())[-1].kept  # survivors of the last stage
     assert totals.total_in == read.total_in, "accounting broken: documents disappeared between stages"
     return {

@@ -57,6 +57,6 @@ def run_stages(
         docs, counts = stage.process(docs)
         if per_stage is not None:
             per_stage.setdefault(stage.name, Counts()).add(counts)
-        total.add(Counts(dropped=counts.dropped, errors=counts.errors))
+        total.add(Counts(dropped=counts.dropped, errors=counts.errors, noted=counts.noted))
     total.kept = len(docs)
     return docs, total

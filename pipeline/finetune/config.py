@@ -1,6 +1,6 @@
 """FinetuneConfig: the YAML schema of a fine-tuning run (`configs/finetune/*.yaml`).
 
-The batch, optimizer and parallelism sections are the pretraining ones (`pipeline/train/config.py`),
+The batch, optimizer and parallelism sections are the shared runtime's (`pipeline/runtime/config.py`),
 so DeepSpeed settings come from one place. What is specific to fine-tuning: where the starting
 weights come from (`init_from`), the task (`sft` on instruction/chat data, or `classify` on
 labelled text), the method (`full` weights or `lora` adapters), epochs instead of a token budget,
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import ConfigError
-from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
 
 
 @dataclass
