@@ -128,9 +128,22 @@ def located(cfg: Any) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        if exc.file is not None:
-            raise
+        if exc.file is not None or not _is_key(cfg, exc.key):
+            raise  # it knows its file, or names no key of this config (an environment variable)
         raise ConfigError(exc.key, exc.msg, origin(cfg, exc.key)) from None
+
+
+def _is_key(cfg: Any, key: str) -> bool:
+    """Whether the dotted `key` names a field (or an item under one) of the config tree `cfg`."""
+    node = cfg
+    for part in _parts(key):
+        if dataclasses.is_dataclass(node) and isinstance(part, str) and part in node.__dataclass_fields__:
+            node = getattr(node, part)
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return isinstance(node, dict)  # any key under a mapping field; a scalar has no sub-keys
+    return bool(key)
 
 
 def _read_yaml(path: Path) -> dict:

@@ -54,7 +54,8 @@ def test_indivisible_global_batch(tokens):
 def test_vocab_mismatch_names_the_key(tokens):
     with pytest.raises(ConfigError) as err:
         resolve(load(tokens, "model.overrides.vocab_size=1000"), world_size=1)
-    assert err.value.key == "model.vocab_size" and "96" in err.value.msg
+    assert err.value.key == "model.overrides.vocab_size" and "96" in err.value.msg
+    assert err.value.file == "command line 'model.overrides.vocab_size=1000'"
 
 
 def test_model_overrides_are_checked(tokens):
@@ -64,6 +65,20 @@ def test_model_overrides_are_checked(tokens):
     with pytest.raises(ConfigError) as err:
         load_model_config(load(tokens, "model.overrides.hidden_sise=32").model)
     assert err.value.key == "model.overrides.hidden_sise" and "hidden_size" in err.value.msg
+    assert err.value.file == "command line 'model.overrides.hidden_sise=32'"  # not configs/model/tiny.yaml
+
+
+def test_a_model_override_typo_in_the_run_config_is_blamed_on_that_file(tokens, tmp_path):
+    """The typo sits in the pretraining YAML's model.overrides, not in configs/model/*.yaml; a rule
+    broken by a value of the model file names the model file."""
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model:\n  file: {REPO / 'configs/model/tiny.yaml'}\n  overrides: {{num_layer: 4}}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(PretrainConfig, run, [f"data.tokens={tokens}"]), world_size=1)
+    assert str(err.value).startswith(f"{run}: model.overrides.num_layer: unknown key (did you mean")
+    with pytest.raises(ConfigError) as err:  # tie_embeddings: true comes from the model file
+        resolve(load(tokens, "parallel.tp_size=2", "parallel.zero_stage=1"), world_size=2)
+    assert err.value.key == "model.tie_embeddings" and err.value.file == str(REPO / "configs/model/tiny.yaml")
     with pytest.raises(ConfigError) as err:
         load_model_config(load(tokens, "model.overrides.num_heads=3").model)
     assert err.value.key == "model.overrides.num_heads"

@@ -339,7 +339,9 @@ def test_check_prints_the_plan(corpus, capsys, monkeypatch):
     mod.main([*args, "--check", "--local_rank=0"])
     out = capsys.readouterr().out
     assert (
-        "global 8 = micro 2 x dp 2 x grad accum 2" in out and "vocab 300" in out and "MiB per device" in out
+        "global 8 = micro 2 x dp 2 x grad accum 2" in out
+        and "vocab 300" in out
+        and "memory per device" in out
     )
     mod.main(
         [
