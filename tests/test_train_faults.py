@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import REPO, check, make_corpus, run_launcher, run_single
+from dist_helpers import CPU_FP16_ENV, REPO, check, make_corpus, run_launcher, run_single
 
 from pipeline.errors import CheckpointError
 from pipeline.runtime import checkpoint, telemetry
@@ -138,7 +138,7 @@ def test_fp16_dynamic_loss_scaling(corpus, runs):
         "parallel.fp16_hysteresis=1",
         "train.save_every=0",
     )
-    check(run_launcher(args(corpus, runs, "fp16", 8, *extra), env={"GRISTMILL_CPU_FP16": "emulate"}))
+    check(run_launcher(args(corpus, runs, "fp16", 8, *extra), env=CPU_FP16_ENV))
     rows = [r for r in read_metrics(runs / "fp16") if "loss" in r]
     skips = rows[-1]["skipped_loss_scale"]
     assert skips >= 1 and rows[-1]["skipped_nonfinite"] == 0  # overflows are the scaler's, not NaN skips

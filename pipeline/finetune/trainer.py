@@ -58,7 +58,9 @@ class FtData:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune, keep the best checkpoint and export it; returns the exported folder (on every rank)."""
-    init_distributed()  # before anything collective: rank 0 may export the init weights first
+    init_distributed(
+        cfg.parallel.collective_timeout_min
+    )  # before anything collective: rank 0 may export the init weights first
     run_dir = cfg.run_dir
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,10 @@ class OptimConfig:
     run (raise max_steps and resume) without changing the LR of steps already planned."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
+    adam: Literal["torch", "deepspeed"] = "torch"
+    """AdamW kernel: `torch` (fused on CUDA, foreach on CPU; nothing to compile) or `deepspeed`
+    (FusedAdam on GPUs, CPU Adam on CPUs; compiled at first use, needs nvcc or a C++ compiler).
+    ZeRO-Offload (parallel.offload_optimizer) always steps with DeepSpeed's CPU Adam."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -94,8 +98,16 @@ class ParallelConfig:
     """fp16 only: steps without overflow before the loss scale doubles."""
     fp16_hysteresis: int = 2
     """fp16 only: overflows tolerated before the loss scale halves."""
+    reduce_fp32: bool = False
+    """Reduce gradients across data-parallel ranks in fp32 instead of the training precision (bf16/fp16):
+    exact sums at large data-parallel sizes, twice the bytes on the network."""
+    collective_timeout_min: float = 10.0
+    """Minutes a collective may wait for the slowest rank before the run fails (DeepSpeed's default 10);
+    raise it when rank 0 does long work the others wait for (a huge corpus's first checksum pass)."""
 
     def validate(self) -> None:
+        if self.collective_timeout_min <= 0:
+            raise ConfigError("collective_timeout_min", f"must be > 0, got {self.collective_timeout_min}")
         if self.tp_size < 1:
             raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
         if self.tp_size > 1 and self.zero_stage == 3:
@@ -180,6 +192,5 @@ def check_precision(precision: str) -> None:
         raise ConfigError(
             "parallel.precision",
             f"{precision} is not supported by this machine's DeepSpeed accelerator "
-            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32, or set GRISTMILL_CPU_FP16=emulate "
-            "to run the fp16 code path with emulated half matmuls (slow; for testing)",
+            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32",
         )

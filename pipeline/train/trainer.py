@@ -67,7 +67,7 @@ def train(cfg: PretrainConfig) -> RunResult:
     stop = StopRequest()  # from the start: a signal during set-up must not kill the rank outright
     if not dist.is_main():
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # one copy of each info line
-    init_distributed()
+    init_distributed(rcfg.parallel.collective_timeout_min)
     fingerprint = sha256_file(rcfg.data.tokens / "manifest.json")
     tag, saved = _resume_point(rcfg, fingerprint)
     universal = saved is not None and saved.dp_size not in (0, d.dp_size)
