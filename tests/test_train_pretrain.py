@@ -371,7 +371,9 @@ def test_report_png_plots_the_runs_metrics(runs, tmp_path, monkeypatch):
 
     figures, savefig = [], matplotlib.figure.Figure.savefig
     monkeypatch.setattr(
-        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or savefig(fig, *a, **k)
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *a, **k: figures.append((fig, k.get("dpi", fig.dpi))) or savefig(fig, *a, **k),
     )
     out = render_report(runs / "split", tmp_path / "report.png")
     rows = [json.loads(line) for line in (runs / "split" / "metrics.jsonl").read_text().splitlines()]
@@ -380,7 +382,7 @@ def test_report_png_plots_the_runs_metrics(runs, tmp_path, monkeypatch):
         last = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
         return sorted(last.items())
 
-    (fig,) = figures
+    ((fig, dpi),) = figures
     ax_loss, ax_lr, _, ax_norm = fig.axes[:4]
     plotted = {line.get_label(): line.get_xydata().tolist() for line in ax_loss.get_lines()}
     assert plotted["train"] == [list(p) for p in want("loss")] and len(plotted["train"]) >= STEPS - 1
@@ -388,4 +390,4 @@ def test_report_png_plots_the_runs_metrics(runs, tmp_path, monkeypatch):
     assert ax_lr.get_lines()[0].get_xydata().tolist() == [list(p) for p in want("lr")]
     assert ax_norm.get_lines()[0].get_xydata().tolist() == [list(p) for p in want("grad_norm")]
     height, width = mpimg.imread(out).shape[:2]
-    assert (width, height) == tuple(round(v * fig.dpi) for v in fig.get_size_inches())
+    assert (width, height) == tuple(round(v * dpi) for v in fig.get_size_inches())
