@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from finetune_helpers import tiny_llama
 
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError, ConfigError
@@ -37,27 +38,6 @@ IDS = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 2], [1, 30, 31, 40, 41, 50, 51, 2]])
 CLASSES = torch.tensor([0, 2])
 
 
-def tiny(task: str, seed: int = 0):
-    """A 2-layer, 32-wide Llama: causal LM, or a 3-class classifier."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        num_labels=3,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = (LlamaForSequenceClassification if task == "classify" else LlamaForCausalLM)(cfg)
-    return model.float()
-
-
 def train(model, task: str, steps: int = 3) -> None:
     """A few AdamW steps on the fixed batch (LoRA needs two: B moves off zero, then A gets gradients)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -75,9 +55,9 @@ def train(model, task: str, steps: int = 3) -> None:
 def test_only_the_methods_parameters_change(method, task):
     if (method, task) == ("prefix", "classify"):
         with pytest.raises(ConfigError, match="method: prefix tuning of a classifier"):
-            apply_peft(tiny(task), method, SECTION, task)
+            apply_peft(tiny_llama(task), method, SECTION, task)
         return
-    model = apply_peft(tiny(task), method, SECTION, task)
+    model = apply_peft(tiny_llama(task), method, SECTION, task)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     own = {n for n in trainable if any(tag in n for tag in OWN[method])}
     assert own and count_params(model)[0] < count_params(model)[1] / 5
@@ -90,7 +70,9 @@ def test_only_the_methods_parameters_change(method, task):
 
 
 def test_lora_parameter_count_and_targets():
-    model = apply_peft(tiny("sft"), "lora", PeftSection(rank=4, target_modules=["q_proj", "v_proj"]), "sft")
+    model = apply_peft(
+        tiny_llama("sft"), "lora", PeftSection(rank=4, target_modules=["q_proj", "v_proj"]), "sft"
+    )
     assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
     # 2 layers x (q: A 4x32 + B 32x4, v: A 4x32 + B 16x4); v_proj is 2 kv heads x 8 = 16 wide
     assert count_params(model)[0] == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
@@ -111,11 +93,11 @@ def test_export_reloads_with_equal_logits(method, task, tmp_path):
     if (method, task) == ("prefix", "classify"):
         return  # refused (test above)
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
-    model = apply_peft(tiny(task), method, SECTION, task)
+    model = apply_peft(tiny_llama(task), method, SECTION, task)
     train(model, task)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
-    rebuilt = load_adapter_state(tiny(task, seed=1), method, SECTION, task, model.state_dict())
+    rebuilt = load_adapter_state(tiny_llama(task, seed=1), method, SECTION, task, model.state_dict())
     if method in MERGEABLE:
         merged = merge_checked(rebuilt, IDS, atol=1e-5)
         assert not any(
@@ -126,7 +108,7 @@ def test_export_reloads_with_equal_logits(method, task, tmp_path):
     else:
         export_unmerged(rebuilt, tmp_path / "hf", tmp_path / "adapter", IDS)
         base = auto.from_pretrained(tmp_path / "hf").eval()
-        untouched = tiny(task).state_dict()  # the frozen base really is the starting model
+        untouched = tiny_llama(task).state_dict()  # the frozen base really is the starting model
         for k, v in base.state_dict().items():
             if not k.startswith("score."):  # a classifier's trained head lives in the adapter
                 assert torch.equal(v, untouched[k]), k
@@ -136,13 +118,13 @@ def test_export_reloads_with_equal_logits(method, task, tmp_path):
 
 
 def test_state_of_another_method_is_a_checkpoint_error():
-    state = apply_peft(tiny("sft"), "lora", SECTION, "sft").state_dict()
+    state = apply_peft(tiny_llama("sft"), "lora", SECTION, "sft").state_dict()
     with pytest.raises(CheckpointError, match="ia3 checkpoint does not match"):
-        load_adapter_state(tiny("sft"), "ia3", SECTION, "sft", state)
+        load_adapter_state(tiny_llama("sft"), "ia3", SECTION, "sft", state)
 
 
 def test_prompt_tuned_classifier_needs_left_padding():
-    model = apply_peft(tiny("classify"), "prompt", SECTION, "classify").eval()
+    model = apply_peft(tiny_llama("classify"), "prompt", SECTION, "classify").eval()
     short = torch.tensor([[1, 5, 9, 2]])
     batch = {"input_ids": torch.tensor([[1, 5, 9, 2, 0, 0], [1, 8, 8, 8, 8, 2]])}
     batch["attention_mask"] = (batch["input_ids"] != 0).long()
@@ -160,12 +142,12 @@ def test_prompt_tuned_classifier_needs_left_padding():
 @pytest.mark.parametrize("method", METHODS)
 def test_without_adapters_computes_as_the_base(method):
     """What DPO's reference pass relies on: the starting model, whatever the method added."""
-    model = apply_peft(tiny("sft"), method, SECTION, "sft")
+    model = apply_peft(tiny_llama("sft"), method, SECTION, "sft")
     train(model, "sft", steps=2)
     with torch.no_grad(), without_adapters(model):
         plain = model(input_ids=IDS).logits
     with torch.no_grad():
-        torch.testing.assert_close(plain, tiny("sft")(input_ids=IDS).logits)
+        torch.testing.assert_close(plain, tiny_llama("sft")(input_ids=IDS).logits)
         assert not torch.allclose(model(input_ids=IDS).logits[:, -IDS.shape[1] :], plain, atol=1e-4)
 
 
@@ -174,7 +156,7 @@ def test_qlora_is_a_lora_config_refused_without_cuda():
     cfg = peft_config("qlora", PeftSection(rank=4), "sft")
     assert type(cfg).__name__ == "LoraConfig" and cfg.r == 4
     for call in (
-        lambda: apply_peft(tiny("sft"), "qlora", SECTION, "sft"),
+        lambda: apply_peft(tiny_llama("sft"), "qlora", SECTION, "sft"),
         lambda: quantization_config(SECTION),
     ):
         with pytest.raises(ConfigError, match="method: qlora .* needs a CUDA GPU"):
@@ -183,7 +165,7 @@ def test_qlora_is_a_lora_config_refused_without_cuda():
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"peft.target_modules: \['qkv'\] are not modules"):
-        apply_peft(tiny("sft"), "lora", PeftSection(target_modules=["q_proj", "qkv"]), "sft")
+        apply_peft(tiny_llama("sft"), "lora", PeftSection(target_modules=["q_proj", "qkv"]), "sft")
     init = tmp_path / "init"
     init.mkdir()
     (init / "config.json").write_text("{}")

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from finetune_helpers import ft_init  # noqa: F401  (a fixture)
+from finetune_helpers import ft_init, ft_tok  # noqa: F401  (fixtures)
 
 from pipeline.finetune import sft
 from pipeline.finetune.records import Chat, Example, load_examples, record_key
@@ -129,13 +129,6 @@ def test_bad_chat_records_are_counted_by_reason(tmp_path):
     }
 
 
-@pytest.fixture(scope="module")
-def ft_tok(ft_init):  # noqa: F811
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ft_init)
-
-
 def _three_shapes(records: list[dict], system: str) -> tuple[list[dict], list[dict], list[dict]]:
     """The same two-turn conversations as Alpaca (+history), ShareGPT and OpenAI records."""
     alpaca, sharegpt, openai = [], [], []
@@ -158,7 +151,7 @@ def _three_shapes(records: list[dict], system: str) -> tuple[list[dict], list[di
 
 
 @pytest.mark.parametrize("name", ["alpaca_en_demo.json", "alpaca_zh_demo.json"])
-def test_real_alpaca_as_three_shapes_encodes_identically(raw_samples, ft_tok, tmp_path, name):
+def test_real_alpaca_as_three_shapes_encodes_identically(raw_samples, ft_tok, tmp_path, name):  # noqa: F811
     """Real records (English / Chinese) paired into two-turn chats with a system prompt, written as
     Alpaca+history, ShareGPT and OpenAI files: the same records, the same tokens, and the trained
     tokens are exactly the assistant answers with their EOS."""

@@ -91,7 +91,7 @@ def convert_records(
     """Convert every record of `path` with `convert` (records, or a skip reason); counts and logs skips."""
     items, counts, logged = [], Counter(), 0
     for where, rec in read_json_records(path, f"{what} data"):
-        out = convert(rec, where)
+        out = "bad_json" if rec is _BadJson else convert(rec, where)
         if isinstance(out, str):
             counts[out] += 1
             if logged < _MAX_LOGGED:
@@ -151,8 +151,6 @@ class _BadJson:
 
 def to_records(rec: object, where: str) -> list[Record] | str:
     """The records one JSON value holds, or the snake_case reason it is skipped."""
-    if rec is _BadJson:
-        return "bad_json"
     if not isinstance(rec, dict):
         return "not_an_object"
     if "chosen" in rec and "rejected" in rec:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -163,15 +163,25 @@ def encode_examples(
     tokenizer, examples: list[Record], seq_len: int, template: Template = "alpaca"
 ) -> tuple[list[Encoded], Counter]:
     """Encode every record; counts `truncated` (kept) and `prompt_too_long` (dropped)."""
+    return encode_each(
+        examples, lambda ex: encode_record(tokenizer, ex, seq_len, template), seq_len, "examples"
+    )
+
+
+def encode_each(
+    items: list, encode: Callable[[object], tuple[object | None, str | None]], seq_len: int, what: str
+) -> tuple[list, Counter]:
+    """Apply `encode` (-> encoded or None, reason or None) to every item; keeps the encoded ones and
+    counts the reasons (logged once)."""
     out, counts = [], Counter()
-    for ex in examples:
-        enc, reason = encode_record(tokenizer, ex, seq_len, template)
+    for item in items:
+        enc, reason = encode(item)
         if reason:
             counts[reason] += 1
         if enc is not None:
             out.append(enc)
     if counts:
-        log.info("encoded %d examples at seq_len %d: %s", len(out), seq_len, dict(counts))
+        log.info("encoded %d %s at seq_len %d: %s", len(out), what, seq_len, dict(counts))
     return out, counts
 
 
