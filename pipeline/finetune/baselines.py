@@ -64,19 +64,6 @@ def tfidf_predictions(
     return [str(p) for p in model.predict(vectorizer.transform(valid_texts))]
 
 
-def tfidf_baseline(
-    train_texts: Sequence[str],
-    train_labels: Sequence[str],
-    valid_texts: Sequence[str],
-    valid_labels: Sequence[str],
-    labels: Sequence[str],
-    seed: int = 0,
-) -> ClassReport:
-    """Report of the TF-IDF + logistic-regression baseline on the valid split."""
-    preds = tfidf_predictions(train_texts, train_labels, valid_texts, seed=seed)
-    return build_report(valid_labels, preds, labels)
-
-
 def baseline_metrics(
     train_texts: Sequence[str],
     train_labels: Sequence[str],
@@ -88,7 +75,9 @@ def baseline_metrics(
     """Both baselines' accuracy and macro-F1 on the valid split, as metrics.jsonl keys
     (`majority_accuracy`, `majority_macro_f1`, `tfidf_accuracy`, `tfidf_macro_f1`)."""
     majority = majority_baseline(train_labels, valid_labels, labels)
-    tfidf = tfidf_baseline(train_texts, train_labels, valid_texts, valid_labels, labels, seed)
+    tfidf = build_report(
+        valid_labels, tfidf_predictions(train_texts, train_labels, valid_texts, seed=seed), labels
+    )
     metrics = majority.summary("majority_") | tfidf.summary("tfidf_")
     log.info(
         "baselines on %d valid examples: %s", len(valid_labels), {k: round(v, 4) for k, v in metrics.items()}

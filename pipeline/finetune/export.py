@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.finetune.config import FinetuneConfig
 from pipeline.finetune.adapters import load_lora_state, merge_checked
+from pipeline.finetune.config import FinetuneConfig
 from pipeline.io import atomic_dir
 from pipeline.train import checkpoint
 from pipeline.train.engine import consolidated_state_dict
