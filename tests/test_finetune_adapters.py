@@ -166,6 +166,8 @@ def test_qlora_is_a_lora_config_refused_without_cuda():
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"peft.target_modules: \['qkv'\] are not modules"):
         apply_peft(tiny_llama("sft"), "lora", PeftSection(target_modules=["q_proj", "qkv"]), "sft")
+    with pytest.raises(ConfigError, match=r"peft.feedforward_modules: \['up_proj'\] are not among"):
+        apply_peft(tiny_llama("sft"), "ia3", PeftSection(feedforward_modules=["up_proj"]), "sft")
     init = tmp_path / "init"
     init.mkdir()
     (init / "config.json").write_text("{}")

@@ -23,8 +23,9 @@ from pipeline.finetune.preferences import (
     load_preferences,
     pair_key,
     prompt_key,
+    to_preferences,
 )
-from pipeline.finetune.records import Example, split_examples
+from pipeline.finetune.records import Chat, Example, split_examples
 from pipeline.finetune.sft import IGNORE_INDEX
 
 HISTORY = [
@@ -73,6 +74,14 @@ def test_every_preference_shape_loads(tmp_path):
     assert prefs[3].rejected.messages == (("user", "写一首诗。"), ("assistant", "不要。"))
     assert prefs[4].start == 4 and prefs[4].rejected.messages[-1] == ("assistant", "Three.")
     assert prompt_key(prefs[2]) == prompt_key(prefs[4]) == prompt_key(prefs[5])  # one prompt, one split
+    mixed = {
+        "instruction": "翻译",
+        "input": "cat",
+        "chosen": {"role": "assistant", "content": "猫"},
+        "rejected": "狗",
+    }
+    (pref,) = to_preferences(mixed, "w")  # a text prompt with chat answers becomes one user turn
+    assert pref.chosen == Chat((("user", "翻译\n\ncat"), ("assistant", "猫")), "w") and pref.start == 1
     train, valid = split_examples(prefs * 20, 0.3, seed=1, key=prompt_key)
     assert not {prompt_key(p) for p in train} & {prompt_key(p) for p in valid}
 

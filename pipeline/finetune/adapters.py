@@ -66,6 +66,10 @@ def _ia3(section: PeftSection, task: str):
     targets = list(section.target_modules or IA3_TARGETS)
     ff = section.feedforward_modules
     ff = [t for t in targets if t in MLP_INPUTS] if ff is None else list(ff)
+    if set(ff) - set(targets):
+        raise ConfigError(
+            "peft.feedforward_modules", f"{sorted(set(ff) - set(targets))} are not among the targets"
+        )
     return IA3Config(target_modules=targets, feedforward_modules=ff, task_type=_task_type(task))
 
 
@@ -137,6 +141,11 @@ def check_supported(model: torch.nn.Module, method: Method, section: PeftSection
         missing = [t for t in cfg.target_modules if t not in names]
         if missing:
             raise ConfigError("peft.target_modules", f"{missing} are not modules of this model")
+        outside = set(getattr(cfg, "feedforward_modules", None) or ()) - set(cfg.target_modules)
+        if outside:
+            raise ConfigError(
+                "peft.feedforward_modules", f"{sorted(outside)} are not among the target modules"
+            )
     if method == "prefix" and task == "classify":
         backbone = getattr(model, model.base_model_prefix, model)
         if "past_key_values" not in inspect.signature(backbone.forward).parameters:

@@ -91,7 +91,10 @@ def to_preferences(rec: object, where: str) -> list[Preference] | str:
         return _text_preference(rec, prompt, chosen, rejected, system, where)
     if prompt is None:
         return _implicit_prompt(chosen, rejected, system, where)
-    turns = to_turns([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt, system)
+    if isinstance(prompt, str):  # a text prompt with chat answers: one user turn (+ an Alpaca input)
+        extra = rec.get("input") if isinstance(rec.get("input"), str) else ""
+        prompt = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt}]
+    turns = to_turns(prompt, system)
     if isinstance(turns, str):
         return turns
     return _chat_preference(turns, _answer(chosen), _answer(rejected), where)
