@@ -291,8 +291,8 @@ def test_dpo_raises_the_held_out_margin():
     assert held_out()["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-    for step in range(12):
-        batch = dpo.collate_pairs([train[i] for i in order[step * 8 % 128 :][:16]], 16, 0)
+    for step in range(8):  # one pass over the 128 pairs
+        batch = dpo.collate_pairs([train[i] for i in order[step * 16 : (step + 1) * 16]], 16, 0)
         loss, _ = dpo.pair_loss_sum(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch, cfg
         )
