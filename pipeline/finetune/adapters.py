@@ -141,11 +141,6 @@ def check_supported(model: torch.nn.Module, method: Method, section: PeftSection
         missing = [t for t in cfg.target_modules if t not in names]
         if missing:
             raise ConfigError("peft.target_modules", f"{missing} are not modules of this model")
-        outside = set(getattr(cfg, "feedforward_modules", None) or ()) - set(cfg.target_modules)
-        if outside:
-            raise ConfigError(
-                "peft.feedforward_modules", f"{sorted(outside)} are not among the target modules"
-            )
     if method == "prefix" and task == "classify":
         backbone = getattr(model, model.base_model_prefix, model)
         if "past_key_values" not in inspect.signature(backbone.forward).parameters:
@@ -287,7 +282,7 @@ def pad_left(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     Prompt tuning hands a classifier embeddings instead of token ids, so transformers cannot find
     the last real token and pools the last position: with left padding that is every row's EOS.
-    Rotary positions are relative, so the shift changes no attention score."""
+    Rotary positions are relative, so the shift changes attention scores only by rounding."""
     lengths = batch["attention_mask"].sum(-1, keepdim=True)  # (B, 1)
     T = batch["attention_mask"].shape[-1]
     index = (torch.arange(T).unsqueeze(0) - (T - lengths)) % T  # out[j] = in[j - shift]
