@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.finetune.adapters import load_lora_state, merge_checked
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.lora import load_lora_state, merge_checked
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint
 from pipeline.runtime.engine import consolidated_state_dict

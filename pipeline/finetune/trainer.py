@@ -27,10 +27,10 @@ from pipeline import dist
 from pipeline.config import save_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.finetune import classify, sft
+from pipeline.finetune.adapters import apply_lora
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
 from pipeline.finetune.early_stop import EarlyStopper
 from pipeline.finetune.export import export_finetuned, model_config
-from pipeline.finetune.lora import apply_lora
 from pipeline.io import sha256_file, write_json
 from pipeline.runtime import checkpoint
 from pipeline.runtime.checkpoint import TrainerState
