@@ -107,7 +107,7 @@ def _optimizer_block(optim: OptimConfig, parallel: ParallelConfig, device: str) 
 
 
 def accelerator_kind() -> str:
-    """ "cuda" or "cpu": the DeepSpeed accelerator this process would use."""
+    """The kind of DeepSpeed accelerator this process would use: "cuda" or "cpu"."""
     from deepspeed.accelerator import get_accelerator
 
     return "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
