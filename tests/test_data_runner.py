@@ -77,7 +77,7 @@ def test_a_foreign_file_fails_its_shard_with_a_data_error_naming_it(ray_local, i
 
     notes = tmp_path / "raw" / "notes.xml"
     notes.write_text("not a dump\n")
-    with pytest.raises(DataError, match=r"1 of 3 shards failed: .*notes\.xml: 1 of 1 records"):
+    with pytest.raises(DataError, match=r"clean: 1 of 3 tasks failed: .*notes\.xml: 1 of 1 records"):
         prepare_data(clean_cfg([inputs[1], str(notes), inputs[2]], tmp_path / "out", 2))
     assert sorted(p.name for p in (tmp_path / "out" / "cleaned").glob("*.jsonl.zst")) == [
         "alpha.jsonl.zst",

@@ -248,6 +248,3 @@ class WikipediaReader:
             f"kept the {self.counts.kept} pages before it",
         )
 
-
-READERS = {"wikipedia": WikipediaReader}
-"""Reader class per `DataConfig.format`; each takes a path and has `.site`, `.counts`, iteration."""
