@@ -37,11 +37,11 @@ from pipeline.data.config import DedupConfig
 from pipeline.data.document import Counts
 from pipeline.io import atomic_write, read_jsonl_zst, write_json
 
-_NOSPACE = (
+NOSPACE_SCRIPTS = (
     "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
     "\U00020000-\U0002fa1f"
 )
-_TOKENS = re.compile(rf"[{_NOSPACE}]|[^\W{_NOSPACE}]+")
+_TOKENS = re.compile(rf"[{NOSPACE_SCRIPTS}]|[^\W{NOSPACE_SCRIPTS}]+")
 MERSENNE_61 = (1 << 61) - 1
 _P = np.uint64(MERSENNE_61)
 _CHUNK = 256  # shingles per permute-and-min step: the (256, bands*rows) temporaries stay in cache
@@ -65,7 +65,9 @@ class MinHasher:
         n = cfg.bands * cfg.rows
         self.a = rng.integers(1, MERSENNE_61, size=n, dtype=np.uint64)
         self.b = rng.integers(0, MERSENNE_61, size=n, dtype=np.uint64)
-        self._gram_mult = rng.integers(0, 1 << 63, size=cfg.ngram, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._gram_mult = rng.integers(0, 1 << 63, size=cfg.ngram, dtype=np.uint64) * np.uint64(
+            2
+        ) + np.uint64(1)
         self._a_hi, self._a_lo = self.a >> np.uint64(31), self.a & np.uint64((1 << 31) - 1)
 
     def row(self, text: str) -> np.ndarray:

@@ -59,7 +59,9 @@ def prepare_data(cfg: DataConfig) -> dict:
         job = Job(cfg, inputs, units, out)
         report: dict = {"name": cfg.name, "steps": list(cfg.steps), "inputs": [str(p) for p in inputs]}
         for step in cfg.steps:
+            step_start = time.perf_counter()
             report[step] = STEPS[step](job)
+            report[step]["seconds"] = round(time.perf_counter() - step_start, 2)
     finally:
         if started:
             ray.shutdown()
@@ -136,17 +138,21 @@ def start_ray(ray_cfg: RayConfig) -> bool:
     """Join or start Ray with the configured memory settings; True when this call started it."""
     if ray.is_initialized():
         return False
+    ray.init(**ray_init_kwargs(ray_cfg))
+    return True
+
+
+def ray_init_kwargs(ray_cfg: RayConfig) -> dict:
+    """`ray.init` arguments for the config: join `address`, or start a local instance with its settings."""
     if ray_cfg.address:
-        ray.init(address=ray_cfg.address, logging_level=logging.WARNING)
-        return True
+        return {"address": ray_cfg.address, "logging_level": logging.WARNING}
     kwargs: dict = {"num_cpus": ray_cfg.num_cpus, "include_dashboard": False}
     if ray_cfg.object_store_memory:
         kwargs["object_store_memory"] = ray_cfg.object_store_memory
     if ray_cfg.spill_dir:
         spill = {"type": "filesystem", "params": {"directory_path": str(Path(ray_cfg.spill_dir).resolve())}}
         kwargs["_system_config"] = {"object_spilling_config": json.dumps(spill)}
-    ray.init(**kwargs)
-    return True
+    return kwargs
 
 
 @ray.remote
