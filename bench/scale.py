@@ -11,7 +11,7 @@ word statistics (and the quality filters' decisions) stay real while its word 5-
 two background documents share about 5% of their 5-grams. Planted copies of background
 documents: 3% exact copies, and 1% each near copies at word 5-gram Jaccard 0.95, 0.9, 0.85,
 0.8, 0.7 and 0.5 (words replaced at random; the Jaccard written to the ground truth is measured
-on the copy). Shards of 32 MB of JSONL (zstd), documents placed in random shards, so pairs
+on the copy). Shards of about 8 MB of JSONL (zstd), documents placed in random shards, so pairs
 cross shards. The ground truth (`truth.jsonl`) is written beside the shards.
 
 Per size it prints docs/s and MB/s per core (uncompressed JSONL, whole job and per step), the
@@ -50,7 +50,7 @@ from pipeline.io import read_jsonl_zst, write_jsonl_zst  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = REPO.parent / "shared" / "data" / "raw"
-SHARD_BYTES = 32 << 20
+SHARD_BYTES = 8 << 20  # small enough that every size has many shards per worker
 PLANTS = [("exact", 1.0, 0.03)] + [("near", j, 0.01) for j in (0.95, 0.9, 0.85, 0.8, 0.7, 0.5)]
 BUCKETS = [("exact", None), (">=0.95", 0.95), ("0.90-0.95", 0.9), ("0.85-0.90", 0.85), ("0.80-0.85", 0.8)]
 BUCKETS += [("0.70-0.80", 0.7), ("0.50-0.70", 0.5), ("<0.50", 0.0)]
@@ -197,7 +197,7 @@ def build_corpus(work: Path, size_gb: float, workers: int) -> dict:
     base = base_documents(work)
     mean = sum(len(json.dumps(t, ensure_ascii=False)) + 40 for t in base) / len(base)
     total = size_gb * 1e9
-    shards = max(workers, math.ceil(total / SHARD_BYTES))
+    shards = workers * math.ceil(total / SHARD_BYTES / workers)  # a multiple of the workers: no idle tail
     slots = Slots(base, shards, max(1, round(total / shards / mean)))
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

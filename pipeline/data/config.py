@@ -220,8 +220,9 @@ class DedupConfig:
     """Slices of the LSH key space, one find task each (None: enough for `task_memory_mb`, at least
     one per CPU). The result does not depend on it."""
     task_memory_mb: int = 1024
-    """Memory one dedup task may use for its slice of the index (about 120 bytes per document and
-    band); sets the number of partitions when `partitions` is None. See the README (data prep)."""
+    """Memory one dedup find task may use for its slice of the index (about 48 bytes per key, and a
+    document has 1 + bands keys); sets the number of partitions when `partitions` is None. The
+    README (data prep) gives every dedup task's memory as a function of corpus size."""
     seed: int = 1
 
     def validate(self) -> None:

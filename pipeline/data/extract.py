@@ -199,4 +199,3 @@ def _render_tag(tag: nodes.Tag, drop_names: frozenset[str]) -> str:
     if tag.self_closing or tag.contents is None:
         return ""
     return _render(tag.contents, drop_names)
-

@@ -99,8 +99,6 @@ FORMATS: dict[str, Format] = {
 }
 """Format name -> Format: the single place a new input format is added."""
 
-_BY_SUFFIX = sorted(((s, f.name) for f in FORMATS.values() for s in f.suffixes), key=lambda sf: -len(sf[0]))
-
 
 def detect_format(path: str | Path) -> str:
     """The format of `path` from its name (or, for a folder, its marker files); DataError if unknown."""
@@ -111,7 +109,10 @@ def detect_format(path: str | Path) -> str:
                 return f.name
         raise DataError(f"{path}: a folder that is not a dataset saved by datasets.save_to_disk")
     name = path.name.lower()
-    for suffix, fmt in _BY_SUFFIX:  # longest first: .warc.wet.gz before .warc.gz
+    by_suffix = sorted(
+        ((s, f.name) for f in FORMATS.values() for s in f.suffixes), key=lambda sf: -len(sf[0])
+    )
+    for suffix, fmt in by_suffix:  # longest first: .warc.wet.gz before .warc.gz
         if name.endswith(suffix):
             return fmt
     raise DataError(

@@ -247,4 +247,3 @@ class WikipediaReader:
             f"{detail} at compressed byte {raw.tell()} (decompressed byte {counter.n}); "
             f"kept the {self.counts.kept} pages before it",
         )
-

@@ -194,7 +194,10 @@ class Job:
         `docs_of(result)` gives the documents a result stands for, for the docs/s figure."""
         sizes = list(sizes) if sizes is not None else [1] * len(calls)
         remote = _call.options(
-            num_cpus=1, max_retries=self.cfg.ray.max_retries, retry_exceptions=False, name=fn.__name__
+            num_cpus=1,
+            max_retries=self.cfg.ray.max_retries,
+            retry_exceptions=False,
+            name=getattr(fn, "__name__", type(fn).__name__),
         )
         limit = self.workers
         todo = iter(sorted(range(len(calls)), key=lambda i: -sizes[i]))
