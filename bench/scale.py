@@ -236,16 +236,18 @@ def run_one(size_dir: Path, workers: int, tokenizer: Path) -> dict:
     ]
     cfg = load_config(DataConfig, REPO / "configs" / "data" / "all_samples.yaml", overrides)
     start_ray(cfg.ray)
-    sampler = WorkerRss()
-    sampler.start()
+    tree = ProcessTree()
+    tree.start()
+    cpu = time.process_time()
     report = prepare_data(cfg)
-    sampler.stop()
+    tree.stop()
     result = {
         "seconds": report["seconds"],
+        "cpu_seconds": tree.cpu_seconds + time.process_time() - cpu,  # Ray's processes and the driver
         "steps": {s: report[s]["seconds"] for s in cfg.steps},
         "documents_in": report["clean"]["totals"]["in"],
         "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "worker_rss_mb": sampler.peak / 2**20,
+        "worker_rss_mb": tree.peak / 2**20,
         "spilled_mb": spilled_bytes() / 2**20,
         "dedup_plan": report["dedup"].get("plan"),
     }
@@ -255,33 +257,44 @@ def run_one(size_dir: Path, workers: int, tokenizer: Path) -> dict:
     return result
 
 
-class WorkerRss:
-    """Peak RSS (VmHWM) over this process's Ray worker processes, sampled twice a second."""
+class ProcessTree:
+    """This process's descendants (the Ray instance and its workers), sampled twice a second:
+    the largest worker's peak RSS (VmHWM) and the CPU seconds of all of them."""
 
     def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self._cpu, self._base, self._stop = 0, {}, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self):
+        self._sample()
+        self._base = dict(self._cpu)  # Ray's start-up is not the job's
         self._thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every descendant seen (a process that ended counts up to its last sample)."""
+        return sum(v - self._base.get(pid, 0.0) for pid, v in self._cpu.items())
 
     def _run(self):
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def _sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
-        while not self._stop.wait(0.5):
-            for proc in me.children(recursive=True):
-                try:
-                    if "ray::" in " ".join(proc.cmdline()[:1]) or "default_worker" in " ".join(
-                        proc.cmdline()
-                    ):
-                        self.peak = max(self.peak, _hwm(proc.pid))
-                except (psutil.Error, OSError):
-                    continue
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                times = proc.cpu_times()
+                self._cpu[proc.pid] = times.user + times.system
+                if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::"):
+                    self.peak = max(self.peak, _hwm(proc.pid))
+            except (psutil.Error, OSError):
+                continue
 
 
 def _hwm(pid: int) -> int:
@@ -405,27 +418,30 @@ def tokenizer_dir(work: Path) -> Path:
 
 
 def print_table(rows: list[tuple[float, dict]], workers: int) -> None:
-    print(f"\nper size, {workers} Ray workers (MB: uncompressed JSONL; per core = / {workers})")
-    head = "size  docs      MB     s     docs/s/core  MB/s/core  clean/dedup/tok s   driver MB  worker MB  spill MB  "
-    print(head + "exact R  near R>=.85  P     P>=.85")
+    print(f"\nper size, {workers} Ray workers; MB = uncompressed JSONL; per core = per CPU second of the")
+    print("driver and every Ray process (the machine is shared: wall time / workers is shown too)")
+    print(
+        "size  docs      MB     wall s  CPU s   docs/core-s  MB/core-s  MB/s/core(wall)  clean/dedup/tok s  "
+        "driver MB  worker MB  spill MB  exact R  near R>=.85  P      P>=.85"
+    )
     for size, r in rows:
-        c, m = r["corpus"], r["run"]
-        per = workers * m["seconds"]
+        c, m, e = r["corpus"], r["run"], r["eval"]
+        cpu = m.get("cpu_seconds") or float("nan")
         steps = "/".join(f"{m['steps'][s]:.0f}" for s in ("clean", "dedup", "tokenize"))
-        e = r["eval"]
         print(
-            f"{size:<5g} {c['documents']:<9d} {c['bytes'] / 1e6:<6.0f} {m['seconds']:<5.0f} "
-            f"{c['documents'] / per:<12.0f} {c['bytes'] / 1e6 / per:<10.3f} {steps:<19} "
+            f"{size:<5g} {c['documents']:<9d} {c['bytes'] / 1e6:<6.0f} {m['seconds']:<7.0f} {cpu:<7.0f} "
+            f"{c['documents'] / cpu:<12.1f} {c['bytes'] / 1e6 / cpu:<10.3f} "
+            f"{c['bytes'] / 1e6 / m['seconds'] / workers:<16.3f} {steps:<18} "
             f"{m['driver_rss_mb']:<10.0f} {m['worker_rss_mb']:<10.0f} {m['spilled_mb']:<9.0f} "
-            f"{e['recall_exact']:<8.3f} {e['recall_near_085']:<12.3f} {e['precision']:<5.3f} {e['precision_085']:.3f}"
+            f"{e['recall_exact']:<8.3f} {e['recall_near_085']:<12.3f} {e['precision']:<6.3f} {e['precision_085']:.3f}"
         )
     for size, r in rows:
         curve = ", ".join(
-            f"{n} {f:.2f} (n={c}, 1-(1-J^8)^14 at mean J {1 - (1 - j**8) ** 14:.2f})"
+            f"{n} {f:.2f} (n={c}; 1-(1-J^8)^14 at mean J: {1 - (1 - j**8) ** 14:.2f})"
             for n, (f, c, j) in r["eval"]["recall"].items()
             if c and n != "exact"
         )
-        print(f"{size:g} GB found by Jaccard of the planted pair: {curve}")
+        print(f"{size:g} GB, share of planted pairs found by their Jaccard: {curve}")
 
 
 def main(argv: list[str] | None = None) -> None:

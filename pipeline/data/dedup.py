@@ -65,9 +65,8 @@ class MinHasher:
         n = cfg.bands * cfg.rows
         self.a = rng.integers(1, MERSENNE_61, size=n, dtype=np.uint64)
         self.b = rng.integers(0, MERSENNE_61, size=n, dtype=np.uint64)
-        self._gram_mult = rng.integers(0, 1 << 63, size=cfg.ngram, dtype=np.uint64) * np.uint64(
-            2
-        ) + np.uint64(1)
+        odd = rng.integers(0, 1 << 63, size=cfg.ngram, dtype=np.uint64)
+        self._gram_mult = odd * np.uint64(2) + np.uint64(1)  # n-gram hash multipliers
         self._a_hi, self._a_lo = self.a >> np.uint64(31), self.a & np.uint64((1 << 31) - 1)
 
     def row(self, text: str) -> np.ndarray:
