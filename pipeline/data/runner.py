@@ -240,7 +240,7 @@ class Job:
             return str(exc.cause)
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as exc:
             raise DataError(
-                f"{desc}: the task for {call[0]} lost its worker {self.cfg.ray.max_retries + 1} times "
+                f"{desc}: the task for {str(call[0])[:200]} lost its worker {self.cfg.ray.max_retries + 1} times "
                 f"({type(exc).__name__}); if it ran out of memory, give Ray fewer CPUs per node "
                 "(ray.num_cpus) or smaller tasks (read.streams_per_task, dedup.task_memory_mb)"
             ) from exc
