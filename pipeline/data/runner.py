@@ -219,10 +219,9 @@ class Job:
                     failures.append((i, failure))
                 elif docs_of is not None:
                     docs += docs_of(results[i])
-                bar.set_postfix(
-                    docs_per_s=f"{docs / max(time.perf_counter() - start, 1e-9):.0f}", refresh=False
-                )
-                bar.update(sizes[i])
+                    rate = docs / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(docs_per_s=f"{rate:.0f}", refresh=False)
+                bar.update(sizes[i])  # bytes done: tqdm's rate and ETA are in input bytes
         if failures:
             raise DataError(
                 f"{desc}: {len(failures)} of {len(calls)} tasks failed: "
