@@ -23,6 +23,8 @@ ByteRange = tuple[int, int]
 
 @dataclass(frozen=True)
 class Format:
+    """One input format: how to recognise, read, extract and (optionally) split its files."""
+
     name: str
     suffixes: tuple[str, ...]
     """Lower-case file-name endings that select this format under "auto"."""
