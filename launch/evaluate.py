@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quantize", nargs="+", help="torchao schemes (int8, int4) to compare with the original")
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decoding-speed run")
     p.add_argument("--tasks", nargs="+", help="lm-eval task names in --task-dir, or task YAML paths")
     p.add_argument("--task-dir", type=Path, default=TASK_DIR, help="folder of task YAMLs")
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")

@@ -50,7 +50,21 @@ def test_evaluate_prints_original_and_quantized_side_by_side(ft_init, tmp_path, 
 
     data = tmp_path / "eval.txt"
     data.write_text(TEXT, encoding="utf-8")
-    cli.main(["--model", str(ft_init), "--data", str(data), "--seq-len", "64", "--quantize", "int8", "int4"])
+    cli.main(
+        [
+            "--model",
+            str(ft_init),
+            "--data",
+            str(data),
+            "--seq-len",
+            "64",
+            "--quantize",
+            "int8",
+            "int4",
+            "--decode-tokens",
+            "8",
+        ]
+    )
     captured = capsys.readouterr()
     rows = [json.loads(line) for line in captured.out.splitlines()]
     assert [r["model"] for r in rows] == ["original", "int8", "int4"]

@@ -51,7 +51,14 @@ def compare_quantized(args) -> list[dict]:
         raise DataError(f"--seq-len must be >= 2, got {args.seq_len}")
     _, tokenizer = load_model(args.model)
     tokens = load_tokens(args.data, tokenizer, args.model, args.split)[: args.max_tokens]
-    rows = compare(args.model, tokens, args.quantize, seq_len=args.seq_len, batch_size=args.batch_size)
+    rows = compare(
+        args.model,
+        tokens,
+        args.quantize,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        new_tokens=args.decode_tokens,
+    )
     for row in rows:
         print(json.dumps({"data": str(args.data), **row}))
     print(format_table(rows), file=sys.stderr)
