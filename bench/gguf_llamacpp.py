@@ -10,7 +10,10 @@ Prints one JSON line per type and a table; the f32 row is the control (it must a
 up to ties in the arithmetic).
 
 llama-cpp-python has no wheel for this platform: pip builds llama.cpp from source (cmake and a C++
-compiler; about 30 min on 2 busy cores). `pip install -e ".[bench]"` installs it.
+compiler; about 30 min on 2 busy cores). `pip install -e ".[bench]"` installs it. Where the CPU
+advertises AMX but the kernel does not grant it (some VMs), a default (-march=native) build dies
+with "Illegal instruction" on the quantized types; build without native flags then:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
 
     python bench/gguf_llamacpp.py --model runs/sft_sample/hf --data out/wiki_sample/tokens
     python bench/gguf_llamacpp.py --model runs/sft_sample/hf --types f32 f16 q8_0 q4_0 --new-tokens 32
@@ -51,15 +54,14 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        input_ids=torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[0, len(ids) :].tolist()
+    """Argmax decoding with the KV cache and no logit processors (as cpp_greedy): EOS is a token
+    like any other, so both sides decode exactly n tokens."""
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+    return tokens
 
 
 def cpp_greedy(llm, ids: list[int], n: int) -> tuple[list[int], float]:
