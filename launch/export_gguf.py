@@ -1,6 +1,7 @@
-"""Export a Llama model folder, or a pretraining run's latest checkpoint, as one GGUF file.
+"""Export a Llama model as one GGUF file: a Hugging Face folder, a fine-tuning run (its hf/ export)
+or a pretraining run (its latest checkpoint, exported first).
 
-    python launch/export_gguf.py --run runs/sft_sample/hf --out out/sft_sample-q8_0.gguf --type q8_0
+    python launch/export_gguf.py --run runs/sft_sample --out out/sft_sample-q8_0.gguf --type q8_0
     python launch/export_gguf.py --run runs/wiki_sample --out out/wiki_sample-f16.gguf
 
 Loads in llama.cpp, Ollama and other GGUF runtimes, tokenizer and chat template included. Types:
@@ -22,7 +23,7 @@ from pipeline.errors import user_errors
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, required=True, help="Hugging Face folder, or run folder (runs/<name>)")
+    p.add_argument("--run", type=Path, required=True, help="Hugging Face folder or run folder (runs/<name>)")
     p.add_argument("--out", type=Path, required=True, help="GGUF file to write (replaced atomically)")
     p.add_argument("--type", default="f16", help="type of the 2-D weights (f16, q8_0, ...; see above)")
     p.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")

@@ -123,13 +123,14 @@ def test_vocab_specials_and_chat_template_in_the_file(ft_init, tmp_path):  # noq
     assert theirs.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 1)])
-def test_untied_head_and_other_head_layouts(ft_init, tmp_path, heads, kv_heads):  # noqa: F811
+@pytest.mark.parametrize(("heads", "kv_heads", "vocab"), [(4, 4, 1000), (8, 1, 1024)])
+def test_untied_head_other_head_layouts_and_padded_vocab(ft_init, tmp_path, heads, kv_heads, vocab):  # noqa: F811
+    from gguf import GGUFReader
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path / "src"
     cfg = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False,
         rope_theta=50000.0, max_position_embeddings=64,
     )  # fmt: skip
@@ -140,9 +141,11 @@ def test_untied_head_and_other_head_layouts(ft_init, tmp_path, heads, kv_heads):
     out = tmp_path / "u.gguf"
     report = export_gguf(folder, out, "q8_0")
     assert report["tensor_types"] == {"Q8_0": 14, "F32": 5, "F16": 2}  # ffn_down rows are 80 wide
-    config, diff, scale = gguf_logits_diff(folder, out, torch.arange(40).view(2, 20) * 13 % 1000)
+    config, diff, scale = gguf_logits_diff(folder, out, torch.arange(40).view(2, 20) * 13 % vocab)
     assert not config.tie_word_embeddings and config.rope_parameters["rope_theta"] == pytest.approx(50000.0)
     assert diff <= GGUF_TOL["q8_0"] * scale
+    types = GGUFReader(out).fields["tokenizer.ggml.token_type"].contents()
+    assert len(types) == vocab and set(types[1000:]) <= {5}  # embedding rows past the tokenizer: unused
 
 
 def test_bad_inputs_raise_and_leave_no_file(ft_init, tmp_path, monkeypatch):  # noqa: F811
@@ -156,7 +159,13 @@ def test_bad_inputs_raise_and_leave_no_file(ft_init, tmp_path, monkeypatch):  # 
         shutil.copy2(ft_init / name, no_tok / name)
     with pytest.raises(DataError, match="tokenizer.model"):
         export_gguf(no_tok, tmp_path / "x.gguf", "f16")
+    biased = tmp_path / "biased"
+    biased.mkdir()
+    cfg = json.loads((ft_init / "config.json").read_text())
+    (biased / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    with pytest.raises(DataError, match="attention_bias"):
+        export_gguf(biased, tmp_path / "x.gguf", "f16")
     monkeypatch.setitem(GGUF_TOL, "q4_0", 0.0)  # any rounding now fails the reload check
     with pytest.raises(CheckpointError, match="file not written"):
         export_gguf(ft_init, tmp_path / "x.gguf", "q4_0")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_tok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["biased", "no_tok"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 
 import pytest
@@ -101,7 +100,6 @@ def test_harness_numbers_match_a_direct_computation(ft_init, task_dir, capsys): 
     from launch import evaluate as cli
     from pipeline.finetune.generate import load_model
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     cli.main(["--model", str(ft_init), "--tasks", "gristmill_cloze", "gristmill_ppl", "--task-dir", str(task_dir),
               "--bootstrap-iters", "0"])  # fmt: skip
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -280,13 +280,17 @@ def stored_layout(dims: tuple[int, ...], qtype) -> tuple[tuple[int, ...], np.dty
 
 @contextlib.contextmanager
 def model_folder(source: Path, scratch: Path) -> Iterator[Path]:
-    """The Hugging Face folder of `source`: itself, or for a pretraining run folder its latest
-    checkpoint exported by export_hf (in the training precision: the weights the training forward
-    used, checked against its recorded logits) into a temporary folder under `scratch`."""
+    """The Hugging Face folder of `source`: itself; a fine-tuning run's `hf/` export; or for a
+    pretraining run folder its latest checkpoint exported by export_hf (in the training precision:
+    the weights the training forward used, checked against its recorded logits) into a temporary
+    folder under `scratch`."""
     source = Path(source)
-    if (source / "config.json").is_file():
-        yield source
-        return
+    for folder in (source, source / "hf"):
+        if (folder / "config.json").is_file():
+            if folder != source:
+                log.info("%s: using the run's exported model %s", source, folder)
+            yield folder
+            return
     if not (source / "config.yaml").is_file():
         raise DataError(
             f"{source}: neither a Hugging Face folder (config.json) nor a run folder (config.yaml)"
@@ -315,6 +319,8 @@ def export_gguf(
             "llama.cpp's llama-quantize on it)",
         )
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError("out", f"{out} is a folder; give the GGUF file's path")
     out.parent.mkdir(parents=True, exist_ok=True)
     with model_folder(source, out.parent) as folder:
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + out.name + ".", dir=out.parent)
