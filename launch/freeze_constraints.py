@@ -1,5 +1,6 @@
-"""Write constraints.txt: the installed version of every package gristmill[dev] pulls in (torch excluded),
-from the environment the tests just passed in. Run it after adding or upgrading a dependency.
+"""Write constraints.txt: the installed version of every package gristmill[dev,deploy] pulls in (what
+`launch/setup.sh dev` installs; torch excluded), from the environment the tests just passed in. Run
+it after adding or upgrading a dependency.
 
     .venv/bin/python launch/freeze_constraints.py          # rewrites constraints.txt in the repo root
 """
@@ -17,7 +18,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 NOT_PINNED = {"torch", "setuptools", "pip"}  # torch: GPU users keep their CUDA build
 HEADER = """\
-# The versions CI tested (Python {python}, torch {torch}): every package gristmill[dev] pulls in,
+# The versions CI tested (Python {python}, torch {torch}): every package gristmill[dev,deploy] pulls in,
 # pinned. launch/setup.sh installs with `-c constraints.txt` (`--unpinned` skips it). torch is not
 # here: setup installs the CPU build itself, and GPU users keep pip's CUDA build.
 # Written by `python launch/freeze_constraints.py` from the environment the tests passed in.
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     import platform
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = closure(project["dependencies"] + project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    pins = closure(project["dependencies"] + extras["dev"] + extras.get("deploy", []))
     header = HEADER.format(python=platform.python_version(), torch=md.version("torch"))
     lines = [f"{name}=={pins[name]}" for name in sorted(pins) if name not in NOT_PINNED]
     args.out.write_text(header + "\n".join(lines) + "\n")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up Gristmill in ./.venv (created if missing). To use an environment of your own instead,
-# install torch as you like, then `pip install -e ".[dev]" -c constraints.txt`
+# install torch as you like, then `pip install -e ".[dev,deploy]" -c constraints.txt`
 # (constraints.txt is written by launch/freeze_constraints.py).
 #
 #   bash launch/setup.sh                # the package and its runtime dependencies
-#   bash launch/setup.sh dev            # ... plus pytest and ruff
+#   bash launch/setup.sh dev            # ... plus pytest and ruff, and the `deploy` extra the tests need
+#                                       # (gguf, torchao, lm-eval: GGUF export, quantization, harness)
 #   bash launch/setup.sh --cuda         # the CUDA build of torch, also where no GPU is visible
 #   bash launch/setup.sh --cpu          # the CPU build of torch, also where GPUs are visible
 #   bash launch/setup.sh --dry-run      # say which torch build would be installed, and why
@@ -30,7 +31,7 @@ usage() { sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 extras="" choice="" pins=1 dry=0
 for arg in "$@"; do
   case $arg in
-    dev) extras="[dev]" ;;
+    dev) extras="[dev,deploy]" ;;
     --cuda | --cpu)
       if [ -n "$choice" ] && [ "$choice" != "${arg#--}" ]; then
         echo "setup: error: give --cuda or --cpu, not both" >&2

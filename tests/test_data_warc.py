@@ -274,7 +274,7 @@ def test_report_shows_where_each_warc_files_responses_went(tmp_path):
         "no_main_content": 0,
         "extracted": n_pages,
     }
-    from pipeline.data.runner import summarize_clean
+    from pipeline.data.steps import summarize_clean
 
     md = render_markdown({"name": "t", "steps": ["clean"], "clean": summarize_clean({"crawl": stats})})
     assert "## WARC inputs" in md and f"| crawl | {n} | {n_pages + 3} | 1 | 1 | {n_pages + 1} | 1 | 0 |" in md

@@ -31,7 +31,8 @@ def test_constraints_pin_every_dependency_within_pyproject_ranges():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pins = constraints()
     assert "torch" not in pins  # GPU users keep their CUDA build
-    for spec in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    extras = project["optional-dependencies"]
+    for spec in project["dependencies"] + extras["dev"] + extras.get("deploy", []):  # `setup.sh dev`
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         if name == "torch":

@@ -15,9 +15,6 @@ from typing import Literal
 from pipeline.data.languages import check_language
 from pipeline.errors import ConfigError
 
-FORMATS = ("auto", "wikipedia", "jsonl", "parquet", "hf_disk", "warc", "wet")
-Format = Literal["auto", "wikipedia", "jsonl", "parquet", "hf_disk", "warc", "wet"]
-
 
 @dataclass
 class RayConfig:
@@ -26,10 +23,33 @@ class RayConfig:
     num_cpus: int | None = None
     """CPUs for the local Ray instance (None: all of this machine's). When the job joins a running
     instance, it is the most tasks the job keeps in flight at once."""
+    object_store_memory: int | None = None
+    """Bytes of shared memory for Ray's object store on a local instance (None: Ray's default, 30% of
+    RAM). The job passes only settings and counters through it, so 1-2 GB is plenty."""
+    spill_dir: Path | None = None
+    """Where a local instance spills objects when its store is full (None: Ray's session folder under
+    the temp dir). On a cluster, pass `--object-spilling-directory` to `ray start` instead."""
+    max_retries: int = 3
+    """Times a task is re-run after its worker process died (killed, out of memory, node lost). Outputs
+    are written atomically under names fixed by the input, so a retried task writes the same bytes."""
 
     def validate(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError("num_cpus", f"must be >= 1 (or null for all CPUs), got {self.num_cpus}")
+        if self.object_store_memory is not None and self.object_store_memory < 78 << 20:
+            raise ConfigError(
+                "object_store_memory",
+                f"must be at least 78 MiB (Ray's minimum), got {self.object_store_memory}",
+            )
+        if self.max_retries < 0:
+            raise ConfigError("max_retries", f"must be >= 0, got {self.max_retries}")
+        if self.address and (self.object_store_memory or self.spill_dir):
+            key = "object_store_memory" if self.object_store_memory else "spill_dir"
+            raise ConfigError(
+                key,
+                "applies to a local Ray instance only; a running cluster sets it at `ray start` "
+                "(--object-store-memory, --object-spilling-directory)",
+            )
 
 
 @dataclass
@@ -324,6 +344,10 @@ class FiltersConfig:
             check_language("default_language", self.default_language)
 
 
+SIGNATURE_VERSION = 2
+"""Bump when dedup.py changes what a signature file holds (2: MinHash mod 2^61-1, keys sorted)."""
+
+
 @dataclass
 class DedupConfig:
     """Exact (normalized-text hash) and MinHash-LSH near-duplicate removal across the whole job."""
@@ -331,20 +355,42 @@ class DedupConfig:
     exact: bool = True
     near: bool = True
     ngram: int = 5
-    """Word n-gram size of the shingles (FineWeb: 5)."""
+    """Word n-gram size of the shingles (FineWeb: 5); characters in scripts written without spaces."""
     bands: int = 14
     rows: int = 8
-    """bands x rows hashes (FineWeb: 14 x 8 = 112, threshold about 0.72)."""
+    """bands x rows hashes (FineWeb: 14 x 8 = 112; a pair with Jaccard s is found with probability
+    1 - (1 - s^rows)^bands: 0.57 at 0.7, 0.92 at 0.8, 1.00 at 0.9)."""
     partitions: int | None = None
-    """Bucket partitions, one Ray task each (None: the number of CPUs)."""
+    """Slices of the LSH key space, one find task each (None: enough for `task_memory_mb`, at least
+    one per CPU). The result does not depend on it."""
+    task_memory_mb: int = 1024
+    """Memory one dedup find task may use for its slice of the index (about 48 bytes per key, and a
+    document has 1 + bands keys); sets the number of partitions when `partitions` is None. The
+    README (data prep) gives every dedup task's memory as a function of corpus size."""
     seed: int = 1
 
     def validate(self) -> None:
-        for key in ("ngram", "bands", "rows"):
+        for key in ("ngram", "bands", "rows", "task_memory_mb"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.bands >= 1 << 16:
+            raise ConfigError("bands", f"must be < 65536, got {self.bands}")
         if self.partitions is not None and self.partitions < 1:
             raise ConfigError("partitions", f"must be >= 1, got {self.partitions}")
+
+    def signature_settings(self) -> dict:
+        """What decides the signature files written during clean (part of the cleaned shards' hash)."""
+        return {
+            "version": SIGNATURE_VERSION,
+            "ngram": self.ngram,
+            "bands": self.bands,
+            "rows": self.rows,
+            "seed": self.seed,
+        }
+
+    def decision_settings(self) -> dict:
+        """What decides which documents dedup drops (not partitions or memory: they change no byte)."""
+        return {**self.signature_settings(), "exact": self.exact, "near": self.near}
 
 
 @dataclass
@@ -378,9 +424,9 @@ class DataConfig:
     """Where `config.yaml`, `cleaned/`, `deduped/`, `tokens/` and `report.*` are written."""
     name: str = "data"
     """A label for logs and the report."""
-    format: Format = "auto"
-    """Input format; "auto" picks one per file from its name (.xml[.bz2|.gz], .jsonl[.gz|.zst], .json.gz,
-    .parquet, .warc[.gz], .warc.wet.gz, a folder saved by `datasets`)."""
+    format: str = "auto"
+    """Input format: "auto" picks one per file from its name (.xml[.bz2|.gz], .jsonl[.gz|.zst], .json.gz,
+    .parquet, .warc[.gz], .warc.wet.gz, a folder saved by `datasets`), or a name in `formats.FORMATS`."""
     steps: list[Literal["clean", "dedup", "tokenize"]] = field(default_factory=lambda: ["clean", "tokenize"])
     """Which steps to run, in this order; each reads what the step before it wrote."""
     max_error_fraction: float = 0.01
@@ -401,6 +447,10 @@ class DataConfig:
             raise ConfigError("steps", f"must be in the order {list(STEPS)}, got {self.steps}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ConfigError("max_error_fraction", f"must be in [0, 1], got {self.max_error_fraction}")
+        from pipeline.data.formats import FORMATS  # formats imports this module
+
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ConfigError("format", f"must be auto or one of {', '.join(FORMATS)}, got {self.format!r}")
         if "tokenize" in self.steps and self.tokenize.tokenizer is None:
             raise ConfigError(
                 "tokenize.tokenizer", f"is required when steps include 'tokenize'; {TRAIN_HINT}"

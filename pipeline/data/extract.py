@@ -283,7 +283,3 @@ def _render_tag(tag: nodes.Tag, drop_names: frozenset[str]) -> str:
     if tag.self_closing or tag.contents is None:
         return ""
     return _render(tag.contents, drop_names)
-
-
-EXTRACTORS: dict[str, type[Stage]] = {"wikipedia": WikitextExtractor}
-"""Extraction stage per `DataConfig.format`; built with the reader's `site` info."""

@@ -302,7 +302,3 @@ def page_chunks(stream) -> Iterator[tuple[str, int, bytes]]:
         yield "head", 0, buf
     elif buf:
         yield "page", base, buf
-
-
-READERS = {"wikipedia": WikipediaReader}
-"""Reader class per `DataConfig.format`; each takes a path and has `.site`, `.counts`, iteration."""

@@ -45,7 +45,7 @@ def clean_hash(cfg: DataConfig) -> str:
     parts = {"version": CLEAN_VERSION, "format": cfg.format, "read": cfg.read, "clean": cfg.clean}
     parts["filters"] = cfg.filters
     if "dedup" in cfg.steps:  # the signatures are part of the shard then
-        parts["dedup"] = cfg.dedup
+        parts["dedup"] = cfg.dedup.signature_settings()
     return config_hash(parts)
 
 
