@@ -264,10 +264,37 @@ def _build_dataclass(cls: Any, value: Any, key: str) -> Any:
     for name, f in fields.items():
         sub = _join(key, name)
         if name in value:
-            kwargs[name] = _build(hints[name], value[name], sub)
+            given = value[name]
+            if _is_section_table(hints[name]) and f.default_factory is not _MISSING:
+                given = _merge_table(to_dict(f.default_factory()), given)
+            kwargs[name] = _build(hints[name], given, sub)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise ConfigError(sub, "is required")
     return cls(**kwargs)
+
+
+def _is_section_table(tp: Any) -> bool:
+    """dict[str, <a config section>]: a table of named sections, e.g. per-language rule settings."""
+    args = get_args(tp)
+    return get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1])
+
+
+def _merge_table(defaults: dict, given: Any) -> Any:
+    """A YAML table merged into its default table: a given entry overrides the default entry of the
+    same name field by field (so `languages.zh.min_words=30` keeps zh's other settings), a new name
+    adds an entry, and `name: null` removes one. Anything but a mapping is left for _build to reject."""
+    if not isinstance(given, dict):
+        return given
+    out = dict(defaults)
+    for name, entry in given.items():
+        name = str(name)
+        if entry is None:
+            out.pop(name, None)
+        elif isinstance(entry, dict) and isinstance(out.get(name), dict):
+            out[name] = {**out[name], **entry}
+        else:
+            out[name] = entry
+    return out
 
 
 def _join(prefix: str, name: str) -> str:
