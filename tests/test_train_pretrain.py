@@ -70,7 +70,7 @@ def overrides(corpus: Path, runs: Path, name: str, max_steps: int = STEPS, *extr
     ]
 
 
-def preempted_run(args: list[str], run_dir: Path, at_step: int = 2, timeout: int = 300) -> int:
+def preempted_run(args: list[str], run_dir: Path, at_step: int = 2, timeout: int = 600) -> int:
     """Launch 2 ranks, send SIGUSR1 to rank 0's worker only once `at_step` is logged; the runner's rc."""
     port = free_port()
     env = worker_env({"GRISTMILL_FAULTS": "step_sleep=0.4"})  # room to signal mid-run
