@@ -293,3 +293,15 @@ def test_killed_and_signalled_finetune_resumes_bit_for_bit(resumed_runs):
         assert torch.equal(a[name].contiguous(), b[name].contiguous()), (name, kill_at)
     x, y = (load_file(r / "hf" / "model.safetensors") for r in (ref, got))  # both export step_2
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetune_metrics_make_the_report(resumed_runs, tmp_path):
+    from pipeline.runtime.report import render_report
+
+    rows = metrics_rows(resumed_runs["runs"] / "resumed")
+    assert sum(r.get("event") == "data" for r in rows) == 3  # one accounting row per start
+    train = [r for r in rows if "loss" in r]
+    assert all(r["tokens_per_s"] > 0 and r["skipped_nonfinite"] == 0 for r in train)
+    assert render_report(resumed_runs["runs"] / "resumed", tmp_path / "r.png").stat().st_size > 0

@@ -4,7 +4,8 @@
   pipeline.finetune: both build on it, never the other way round;
 - pipeline/finetune uses public names only of pipeline.runtime and pipeline.train (no `_private`
   name, and no module of theirs that is itself private);
-- deepspeed is imported by pipeline/runtime/engine.py alone.
+- deepspeed is imported by pipeline/runtime/engine.py alone;
+- every torch.load reads with weights_only=True (no pickle code runs from a checkpoint file).
 """
 
 from __future__ import annotations
@@ -88,3 +89,30 @@ def test_the_checks_see_private_and_relative_imports():
         ("pipeline.finetune", "tasks"),
         ("deepspeed", None),
     ]
+
+
+def unsafe_loads(source: str) -> list[int]:
+    """Lines of torch.load(...) calls without a literal weights_only=True."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+            if not (isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+                continue
+            kw = {k.arg: k.value for k in node.keywords}
+            safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if not safe:
+                bad.append(node.lineno)
+    return bad
+
+
+def test_torch_load_only_with_weights_only():
+    assert unsafe_loads(
+        "torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=True)"
+    ) == [1, 2]
+    bad = [
+        f"{p.relative_to(REPO)}:{line}"
+        for folder in ("pipeline", "launch", "bench")
+        for p in sorted((REPO / folder).rglob("*.py"))
+        for line in unsafe_loads(p.read_text(encoding="utf-8"))
+    ]
+    assert not bad, bad
