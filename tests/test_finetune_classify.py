@@ -169,3 +169,31 @@ def test_vader_classifier_beats_majority_and_exports_best(raw_samples, ft_init, 
         preds = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
     accuracy = float((preds == batch["labels"]).double().mean())
     assert accuracy == pytest.approx(top["accuracy"], abs=1.5 / len(data.valid))
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_every_registered_task_builds_and_batches_by_step(task, ft_init, ft_tok, tmp_path):  # noqa: F811
+    """Each task of the registry, built as the trainer builds it: its data row, batches that are a
+    function of the step alone (a slice per rank of one global batch), and the step's samples."""
+    from pipeline.finetune.tasks import TASKS, build_task
+
+    assert set(TASKS) >= {"sft", "classify"}
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    path = data if task == "classify" else REPO / "tests/data/sample/instructions.jsonl"
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [f"init_from={ft_init}", f"task={task}", f"data.path={path}", "data.seq_len=32"]
+        + ["batch.global_size=4", "batch.micro_size=1"]
+        + (["train.early_stop_metric=accuracy"] if task == "classify" else []),
+    )
+    t = build_task(cfg, ft_init, ft_tok)
+    assert t.info["train_examples"] == len(t.train) and t.init_dir == ft_init and len(t.fingerprint) == 64
+    whole = t.micro_batches(3, 0, 1)  # one rank: the global batch of step 3
+    halves = t.micro_batches(3, 0, 2) + t.micro_batches(3, 1, 2)  # two ranks: a slice each
+    assert len(whole) == 4 and sorted(len(h["input_ids"]) for h in halves) == [1, 1, 1, 1]
+    key = lambda b: b["input_ids"].tolist()  # noqa: E731
+    assert sorted(map(key, halves)) == sorted(map(key, whole))
+    assert len(t.step_samples(3)) == 4 and t.step_samples(3) == t.step_samples(3)
+    assert sum(t.count_targets(b) for b in whole) > 0

@@ -133,6 +133,21 @@ class ClassifyTask(FinetuneTask):
         super().__init__(cfg, train, valid, pad_id, info)
         self.labels = labels
 
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, tokenizer) -> ClassifyTask:
+        """Labelled rows -> class names and encoded train/valid examples."""
+        rows, bad = classify.load_rows(cfg.data.path, cfg.classify)
+        train_rows, valid_rows = sft.split_examples(
+            rows, cfg.data.valid_fraction, cfg.data.seed, key=lambda r: r.text
+        )  # same text, same split
+        labels = classify.label_names(cfg.classify, train_rows, cfg.data.path)
+        train, train_counts = classify.encode_rows(tokenizer, train_rows, labels, cfg.data.seq_len)
+        valid, valid_counts = classify.encode_rows(tokenizer, valid_rows, labels, cfg.data.seq_len)
+        counts = {"records": len(rows), **dict(bad + train_counts + valid_counts)}
+        counts["valid_majority_accuracy"] = classify.majority_accuracy(valid)
+        info = {"train_examples": len(train), "valid_examples": len(valid), **counts}
+        return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info, labels)
+
     def collate(self, items: list) -> Batch:
         return classify.collate(items, self.seq_len, self.pad_id)
 
