@@ -169,16 +169,20 @@ def run_finetune(
         remove_shm(port)
 
 
-def start_finetune(config: str | Path, overrides: list[str], *, env: dict | None = None) -> subprocess.Popen:
-    """launch/finetune.py as one plain process in the background (output merged into stdout)."""
-    return subprocess.Popen(
-        finetune_cmd(config, overrides, 1, 0),
-        cwd=REPO,
-        env=finetune_env(env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start_finetune(
+    config: str | Path, overrides: list[str], log: Path, *, env: dict | None = None
+) -> subprocess.Popen:
+    """launch/finetune.py as one plain process in the background, stdout and stderr into `log` (a file,
+    not a pipe: nobody has to drain it while the test waits)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            finetune_cmd(config, overrides, 1, 0),
+            cwd=REPO,
+            env=finetune_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

@@ -6,7 +6,7 @@ packed; the loss falls, only adapter weights change, the merged export gives the
 logits and generates with plain transformers.
 
 Resume (module scope, 4 one-process SFT runs, fp32 ZeRO-3 with gradient accumulation, early stopping
-after 2 evals without improvement): `ref` runs uninterrupted; `resumed` is killed with SIGKILL at a
+after 2 evals without improvement): `ref` runs uninterrupted (beside the others); `resumed` is killed with SIGKILL at a
 random step, restarted and stopped with SIGUSR1 (checkpoint, exit 75), then restarted to the end.
 Both end bit for bit equal: losses, evals, early stop, final weights and the export of the best
 checkpoint. The cheap tests check the config, the prompt building and batched generation in-process.
@@ -229,36 +229,47 @@ def loss_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in metrics_rows(run_dir) if "loss" in r] if path.is_file() else []
 
 
-def run_until(proc, run_dir: Path, done, what: str, timeout: float = 400) -> None:
+def run_until(proc, run_dir: Path, done, what: str, log: Path, timeout: float = 400) -> None:
     """Wait until done(steps logged so far) holds; fail with the process output if it ends first."""
     deadline = time.monotonic() + timeout
     while not done(loss_steps(run_dir)):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"{what}: rc={proc.poll()}\n{proc.communicate()[0][-4000:]}")
+            proc.wait()
+            pytest.fail(f"{what}: rc={proc.returncode}\n{log.read_text()[-4000:]}")
         time.sleep(0.05)
+
+
+def finished(proc, log: Path, timeout: float = 600) -> str:
+    """Wait for the process; its output."""
+    proc.wait(timeout=timeout)
+    return log.read_text()
 
 
 @pytest.fixture(scope="module")
 def resumed_runs(init_model, tmp_path_factory) -> dict:
     runs = tmp_path_factory.mktemp("ft_resume")
-    proc = run_finetune(CONFIG, resume_overrides(init_model, runs, "ref"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    logs = {k: runs / f"{k}.log" for k in ("ref", "first", "second")}
+    ref = start_finetune(CONFIG, resume_overrides(init_model, runs, "ref"), logs["ref"])  # beside the chain
     args, run_dir = resume_overrides(init_model, runs, "resumed"), runs / "resumed"
     slow = {"GRISTMILL_FAULTS": "step_sleep=0.4"}  # room to act between steps; numerics unchanged
     kill_at = random.SystemRandom().choice([3, 4])
-    first = start_finetune(CONFIG, args, env=slow)
-    run_until(first, run_dir, lambda s: s and max(s) >= kill_at, f"attempt 1 (kill at {kill_at})")
+    first = start_finetune(CONFIG, args, logs["first"], env=slow)
+    run_until(
+        first, run_dir, lambda s: s and max(s) >= kill_at, f"attempt 1 (kill at {kill_at})", logs["first"]
+    )
     first.kill()  # SIGKILL: no handler runs, the latest complete checkpoint is all that survives
     first.wait()
     before = len(loss_steps(run_dir))
-    second = start_finetune(CONFIG, args, env=slow)
-    run_until(second, run_dir, lambda s: len(s) > before, "attempt 2")
+    second = start_finetune(CONFIG, args, logs["second"], env=slow)
+    run_until(second, run_dir, lambda s: len(s) > before, "attempt 2", logs["second"])
     second.send_signal(signal.SIGUSR1)
-    out2 = second.communicate(timeout=300)[0]
+    out2 = finished(second, logs["second"])
     preempted = json.loads((run_dir / "status.json").read_text())
     third = run_finetune(CONFIG, args)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-5000:]
+    out = finished(ref, logs["ref"])
+    assert ref.returncode == 0, out[-5000:]
     return {"runs": runs, "kill_at": kill_at, "rc2": second.returncode, "out2": out2, "preempted": preempted}
 
 
