@@ -56,19 +56,6 @@ def test_sha256_and_jsonl_zst_round_trip(tmp_path):
     assert path.read_bytes() == first  # deterministic bytes
 
 
-def test_dist_helpers_without_process_group(monkeypatch):
-    import torch
-
-    from pipeline import dist
-
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
-    t = torch.tensor([3.0])
-    assert dist.all_reduce_sum(t).item() == 3.0
-    dist.barrier()
-
-
 def test_truncated_zst_raises_after_its_complete_rows(tmp_path):
     rows = [{"id": i, "text": "word " * 200} for i in range(300)]
     path = tmp_path / "rows.jsonl.zst"

@@ -6,7 +6,9 @@ n1, n2 on this host (tests/slurm_harness.py), one task per node.
   `#SBATCH --signal=B:USR1@300` delivers) and once straight to the ranks (`scancel --signal=USR1`),
   checkpoints, requeues itself, resumes and ends with the loss curve of the uninterrupted job;
 - plain `scancel` (TERM) makes the ranks checkpoint but ends the job without a requeue;
-- finetune.sbatch fine-tunes a tiny model on 2 nodes and exports it;
+- finetune.sbatch fine-tunes a tiny model on 2 nodes and exports it; the same job sent USR1
+  checkpoints, requeues itself, resumes from its checkpoint (not from init_from) and ends with the
+  losses of the uninterrupted job;
 - prepare_data.sbatch starts a 2-node Ray cluster, prepares the sample dump through it (the same
   bytes as a local run) and stops Ray, also when the job fails.
 
@@ -360,26 +362,61 @@ def test_scancel_checkpoints_and_ends_the_job_without_requeue(cluster, work, cor
     assert status["step"] >= 2
 
 
-@pytest.mark.slow
-@pytest.mark.dist
-def test_finetune_on_two_nodes(cluster, work):
-    init = make_init_model(work / "ft_init")
-    args = [
+def finetune_args(init: Path, work: Path, name: str) -> list[str]:
+    return [
         str(SFT_TINY),
         f"init_from={init}",
         f"run.dir={work / 'runs'}",
-        "run.name=sft",
-        f"out={work / 'sft_hf'}",
-        "train.max_steps=2",
-        "train.eval_every=2",
+        f"run.name={name}",
+        f"out={work / (name + '_hf')}",
+        "parallel.precision=fp32",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.eval_every=3",
         "train.eval_max_batches=1",
+        "train.save_every=2",
     ]
-    job = submit(cluster, work, "finetune.sbatch", args, ["--nodes=2"])
+
+
+@pytest.fixture(scope="module")
+def ft_reference(cluster, work) -> Path:
+    """An uninterrupted 6-step fine-tuning job on 2 nodes; its run dir."""
+    init = make_init_model(work / "ft_init")
+    job = submit(cluster, work, "finetune.sbatch", finetune_args(init, work, "sft"), ["--nodes=2"])
     finish(cluster, work, job)
+    return work / "runs" / "sft"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetune_on_two_nodes(ft_reference, work):
     assert {"config.json", "model.safetensors"} <= {p.name for p in (work / "sft_hf").iterdir()}
-    try0 = work / "runs" / "sft" / "logs" / f"slurm-{job}" / "try0"
+    (try0,) = (ft_reference / "logs").glob("slurm-*/try0")
     assert {"job.log", "rank0.log", "rank1.log"} <= {p.name for p in try0.iterdir()}
     assert "2 ranks on 2 nodes" in (try0 / "job.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_preempted_finetune_requeues_and_matches_uninterrupted(cluster, work, ft_reference):
+    run_dir = work / "runs" / "sft_pre"
+    args = finetune_args(work / "ft_init", work, "sft_pre")
+    job = submit(cluster, work, "finetune.sbatch", args, ["--nodes=2"], GRISTMILL_FAULTS="step_sleep=0.5")
+    try:
+        preempt(cluster, job, run_dir, batch_only=True, rows_before=1)
+    except (TimeoutError, AssertionError) as exc:
+        pytest.fail(f"{exc}\n{job_logs(work, job)}")
+    finish(cluster, work, job)
+    assert cluster.job(job)["Restarts"] == "1"
+    logs = run_dir / "logs" / f"slurm-{job}"
+    assert "ranks stopped (status 75); requeueing" in (logs / "try0" / "job.log").read_text()
+    assert "resumed from step_" in (logs / "try1" / "rank0.log").read_text()  # not from init_from
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    got, want = losses(run_dir), losses(ft_reference)
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+    assert (work / "sft_pre_hf" / "model.safetensors").is_file()
 
 
 def ray_processes(marker: str) -> list[str]:

@@ -149,12 +149,12 @@ def test_fp16_refused_with_a_hint(tokens):
 
 
 def test_blend_mixes_folders_by_weight_and_checks_the_tokenizer(tokens, tmp_path):
-    from pipeline.train.trainer import _loaders
+    from pipeline.train.trainer import open_loaders
 
     web_docs = [np.full(49, 7) for _ in range(4)]
     web = write_token_dir(tmp_path / "web", {"train": [web_docs], "valid": [web_docs[:1]]}, vocab_size=96)
     blend = f"data.blend=[{{tokens: {tokens}, weight: 1}}, {{tokens: {web}, weight: 3}}]"
-    train, valid = _loaders(resolve(load(tokens, blend, "data.seq_len=8"), world_size=1))
+    train, valid = open_loaders(resolve(load(tokens, blend, "data.seq_len=8"), world_size=1))
     rows = np.concatenate(
         [b["input_ids"].numpy() for s in range(0, 400, 8) for b in train.micro_batches(s, 8, 8, 0, 1)]
     )

@@ -1,23 +1,31 @@
 """Everything DeepSpeed-shaped: the config dict, the engine wrapper, checkpoint consolidation.
 
 This is the only module that imports deepspeed (lazily, so `--check` and tests of `ds_config`
-stay light). The training loops (pretraining and fine-tuning) see only `Engine`:
+stay light). The training loop (pipeline/runtime/loop.py) sees only `Engine`:
 
     engine = Engine(lambda: build_model(cfg), ds_config(batch=..., optim=..., parallel=...,
                                                       total_steps=..., world_size=...))
     for micro in micro_batches:                 # grad_accum of them
-        engine.forward_backward(micro, normalizer=targets_in_this_step_on_all_ranks)
+        loss = task.loss_sum(engine, micro)     # engine.forward(micro) inside; a device tensor
+        engine.backward(loss, normalizer=targets_in_this_step_on_all_ranks)
     engine.step()
 
 Batches follow transformers' conventions: `labels` has the shape of `input_ids`, -100 is ignored
-and the engine shifts it (position t predicts labels[t+1]). A batch may instead carry
+and the loss shifts it (position t predicts labels[t+1]). A batch may instead carry
 `shift_labels`, already aligned with the positions (what the packed pretraining loader yields,
 so no position is wasted). The LR is set before every optimizer step from the 'lr_schedule'
 entry of the config (see schedule.py); DeepSpeed's own scheduler is not used.
+
+An update can be skipped before it happens (`backward(..., skip=True)` on the step's last micro
+batch: non-finite loss, loss spike): ZeRO 1-3 and half precision check the gradients for inf/NaN
+and skip the step when they find one, so a skipped step poisons its last backward with NaN;
+ZeRO-0 in fp32 has no such check (DeepSpeed hands the gradients straight to torch's AdamW), so
+there the engine checks the gradients itself and keeps the optimizer from stepping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -28,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import dist
 from pipeline.errors import CheckpointError, ConfigError
@@ -36,6 +43,7 @@ from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
 from pipeline.runtime.schedule import make_lr_fn
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # batch keys the model takes
 NO_DECAY_HINTS = ("norm", "bias")  # RMSNorm weights and biases get no weight decay
 
 
@@ -201,6 +209,7 @@ def init_distributed(timeout_min: float | None = None) -> None:
         _cpu_collective_op()
     timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
     deepspeed.init_distributed(verbose=False, **timeout)
+    dist.init_side_group()  # the gloo group for CPU metadata when the main group is NCCL
 
 
 def visible_gpus() -> tuple[int, str]:
@@ -288,9 +297,6 @@ def _stale_build_lock(name: str) -> str | None:
     return f"{lock} is {age / 60:.0f} min old, left by a build that was killed; delete it to build again"
 
 
-_init_distributed = init_distributed  # the name fine-tuning first imported
-
-
 def _share_cpu_threads() -> None:
     """On CPU, split the cores between the local ranks unless OMP_NUM_THREADS says otherwise
     (the deepspeed launcher leaves every rank with all cores, which oversubscribes them)."""
@@ -357,6 +363,9 @@ class Engine:
         self.dp_rank, self.dp_size = dp_coords(dist.rank(), self.world_size, self.tp_size)
         self.grad_accum = self.ds.gradient_accumulation_steps()
         self.zero_stage = int(ds_cfg["zero_optimization"]["stage"])
+        # DeepSpeed checks gradients for inf/NaN (and skips the step) under ZeRO >= 1 or bf16/fp16.
+        self._checks_overflow = self.zero_stage > 0 or "bf16" in ds_cfg or "fp16" in ds_cfg
+        self._skip = False
 
     @property
     def module(self) -> torch.nn.Module:
@@ -382,80 +391,90 @@ class Engine:
             getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", 1.0)
         )
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the batch's target tokens (fp32). The hook for other
-        heads: a subclass overrides it (fine-tuning's classification engine does) and keeps step/eval."""
-        inputs = {
-            k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch
-        }
-        logits = self.ds(**inputs).logits  # (B, T, vocab)
-        if "shift_labels" in batch:
-            targets = batch["shift_labels"]
-        else:
-            logits, targets = logits[:, :-1], batch["labels"][:, 1:]
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            targets.to(self.device).reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on this rank's device."""
+        return t.to(self.device, non_blocking=True)
 
-    def forward_backward(
-        self, batch: dict[str, torch.Tensor], normalizer: float, poison: bool = False
-    ) -> float:
-        """Backward of (this micro batch's token-loss sum / normalizer); returns the unscaled sum.
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """The model's output (transformers' ModelOutput) on the batch's model inputs, moved to the
+        device; a collective under ZeRO-3 and TP (every rank calls it, the same number of times)."""
+        inputs = {k: self.to_device(batch[k]) for k in MODEL_INPUTS if k in batch}
+        return self.ds(**inputs)
 
-        `normalizer` is the number of target tokens in the whole optimizer step on all ranks.
-        `poison` multiplies the loss by NaN (fault injection for tests of the non-finite path).
+    def backward(self, loss_sum: torch.Tensor, normalizer: float, *, skip: bool = False) -> None:
+        """Backward of (loss_sum / normalizer); `normalizer` counts the targets of the whole
+        optimizer step on all ranks, so the accumulated gradient is exactly d(mean loss)/d(w).
+
+        `skip` (on the step's last micro batch, the same on every rank) makes the next step() leave
+        the weights and the optimizer state untouched.
         """
-        loss_sum = self.loss_sum(batch)
-        if poison:
-            loss_sum = loss_sum * float("nan")
+        if skip and self._checks_overflow:
+            loss_sum = loss_sum * float("nan")  # DeepSpeed finds the NaN gradients and skips the step
+        self._skip = skip
         # DeepSpeed divides by grad_accum in backward() and averages gradients over dp ranks;
         # multiplying back makes the accumulated gradient exactly d(sum of losses / normalizer).
         scale = self.grad_accum * self.dp_size / float(normalizer)
         self.ds.backward(loss_sum * scale)
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # bookkeeping only: advances DeepSpeed's micro-step counter
-        return float(loss_sum.detach())
 
     def step(self) -> StepResult:
-        """Set this step's LR, clip, and apply the optimizer (after grad_accum forward_backward calls).
+        """Set this step's LR, clip, and apply the optimizer (after grad_accum backward calls).
 
-        ZeRO (every stage, every precision here) skips the update when the global gradient norm is
-        inf/NaN, agreed over all ranks; under fp16 that is also how loss-scale overflows are skipped.
+        ZeRO 1-3 and half precision skip the update when the global gradient norm is inf/NaN,
+        agreed over all ranks (under fp16 that is also how loss-scale overflows are skipped);
+        ZeRO-0 fp32 does the same here (`_unchecked_skip`, `_optimizer_frozen`).
         """
         if not self.ds.is_gradient_accumulation_boundary():
-            raise RuntimeError(f"step() needs {self.grad_accum} forward_backward calls first")
+            raise RuntimeError(f"step() needs {self.grad_accum} backward calls first")
         if self._lr_fn is not None:
             lr = self._lr_fn(self.global_steps)
             for group in self.ds.optimizer.param_groups:
                 group["lr"] = lr
         scale = self.loss_scale  # the scale this step's gradients were computed with
-        self.ds.step()
+        skipped = False if self._checks_overflow else self._unchecked_skip()
+        with self._optimizer_frozen(skipped):
+            self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        return StepResult(applied=bool(self.ds.was_step_applied()), grad_norm=norm, loss_scale=scale)
+        applied = bool(self.ds.was_step_applied()) and not skipped
+        return StepResult(applied=applied, grad_norm=norm, loss_scale=scale)
 
-    @torch.no_grad()
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(token-loss sum, target tokens) of one batch, without gradients; call on every rank."""
+    def _unchecked_skip(self) -> bool:
+        """ZeRO-0 fp32: whether to skip this step (asked to, or an inf/NaN gradient on any rank)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())  # one sync
+        return bool(dist.max_floats([float(self._skip or not finite)])[0])
+
+    @contextlib.contextmanager
+    def _optimizer_frozen(self, frozen: bool):
+        """While `frozen`, the optimizer's own step() does nothing: DeepSpeed still clips, zeroes the
+        gradients and counts the step, but weights, moments and Adam's step count stay as they were."""
+        if not frozen:
+            yield
+            return
+        opt = self.ds.optimizer
+        opt.step = lambda *args, **kwargs: None  # an instance attribute shadows the class's step()
+        try:
+            yield
+        finally:
+            del opt.step
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode without gradients for the block (validation, parity logits); train mode after."""
         self.ds.eval()
         try:
-            loss_sum = self.loss_sum(batch)
+            with torch.no_grad():
+                yield self
         finally:
             self.ds.train()
-        targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
-        return float(loss_sum), int((targets != IGNORE_INDEX).sum())
 
-    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (B, T, vocab) on the CPU, in eval mode; collective under ZeRO-3 and TP."""
-        self.ds.eval()
-        try:
-            return self.ds(input_ids=input_ids.to(self.device)).logits.float().cpu()
-        finally:
-            self.ds.train()
+        """fp32 logits on the CPU ((B, T, vocab), or (B, classes) for a classifier), in eval mode;
+        collective under ZeRO-3 and TP."""
+        with self.evaluating():
+            return self.forward({"input_ids": input_ids}).logits.float().cpu()
 
     def layout(self) -> dict[str, list[int]]:
         """Each parameter's shape on this rank: the AutoTP shard, or the full shape under ZeRO-3."""

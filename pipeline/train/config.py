@@ -1,7 +1,7 @@
 """PretrainConfig (the YAML of `configs/pretrain/*.yaml`) and `resolve()`, which derives the rest.
 
-Sections `BatchConfig`, `OptimConfig`, `ParallelConfig` and `TrainLoopConfig` are the shared
-runtime's (`pipeline/runtime/config.py`). The model
+Sections `RunConfig`, `BatchConfig`, `OptimConfig`, `ParallelConfig` and the loop settings
+`TrainLoopConfig` builds on are the shared runtime's (`pipeline/runtime/config.py`). The model
 is given as `model.file` (a `configs/model/*.yaml`) plus `model.overrides` (field -> value), e.g.
 
     model:
@@ -25,24 +25,12 @@ from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.runtime.config import (
     BatchConfig,
+    LoopConfig,
     OptimConfig,
     ParallelConfig,
-    TrainLoopConfig,
+    RunConfig,
     check_precision,
 )
-
-
-@dataclass
-class RunConfig:
-    name: str = "tiny"
-    """Run name; outputs go to `<dir>/<name>/`. Starting a run whose folder has a checkpoint resumes it."""
-    dir: Path = Path("runs")
-    seed: int = 1234
-    """Seed of the weight init and of torch/numpy/python RNGs (per rank: seed + rank)."""
-
-    def validate(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
 
 
 @dataclass
@@ -82,6 +70,23 @@ class ModelRef:
     """A configs/model/*.yaml (ModelConfig); None = ModelConfig's defaults."""
     overrides: dict[str, int | float | bool] = field(default_factory=dict)
     """ModelConfig fields to change on top of `file`, e.g. {hidden_size: 128}."""
+
+
+@dataclass
+class TrainLoopConfig(LoopConfig):
+    """The shared loop settings plus pretraining's step budget and validation size."""
+
+    max_steps: int = 100
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    eval_batches: int = 4
+    """Global batches (batch.global_size sequences each) in one validation pass, from the start of
+    the valid split (unshuffled, wrapping around if it is shorter)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("max_steps", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
