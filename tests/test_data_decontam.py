@@ -184,3 +184,4 @@ def test_job_shares_the_index_reports_hits_per_set_and_source_and_cuts_quality_j
     )  # ceil(0.5 x 47)
     assert all(r["meta"]["scores"]["quality"] >= cut["threshold"] for r in kept)
     assert all(r["text"].startswith("Document") for r in kept)  # the English half: P(en) is the score
+    assert "| bio | b | 2 |" in (tmp_path / "out" / "report.md").read_text()

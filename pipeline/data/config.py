@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.data.decontam import DecontamConfig
+from pipeline.data.quality_model import QualityModelConfig
 from pipeline.errors import ConfigError
 
 FORMATS = ("auto", "wikipedia", "jsonl", "parquet", "hf_disk", "warc", "wet")
@@ -245,6 +247,10 @@ class DataConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     filters: FiltersConfig = field(default_factory=FiltersConfig)
+    quality_model: QualityModelConfig = field(default_factory=QualityModelConfig)
+    """Learned quality filter (pipeline/data/quality_model.py); runs after `filters`."""
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    """Evaluation-set n-gram removal (pipeline/data/decontam.py); runs after the quality model."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 

@@ -201,8 +201,14 @@ def top_fraction_threshold(shard_counts: Iterable[dict[int, int]], fraction: flo
 
 
 def select_shard(src: Path, dst: Path, stats_path: Path, threshold: float, cfg_hash: str) -> dict:
-    """Rewrite one shard keeping documents scored at least `threshold` (unscored ones too); returns its stats."""
+    """Rewrite one shard keeping documents scored at least `threshold` (unscored ones too); returns its
+    stats. A shard already selected with the same inputs and cut (`cfg_hash`) is not redone."""
     import zstandard
+
+    if dst.is_file() and stats_path.is_file():
+        done = json.loads(stats_path.read_text(encoding="utf-8"))
+        if done.get("config_hash") == cfg_hash:
+            return done
 
     counts = Counts()
     writer_cfg = zstandard.ZstdCompressor(level=3)

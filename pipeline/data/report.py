@@ -16,6 +16,8 @@ def funnel(report: dict) -> list[dict]:
     rows = list(report.get("clean", {}).get("stages", []))
     if "dedup" in report:
         rows.append({"name": "dedup", **report["dedup"]["totals"]})
+    if "select" in report:
+        rows.append({"name": "quality_top_fraction", **report["select"]["totals"]})
     return rows
 
 
@@ -51,6 +53,8 @@ def render_markdown(report: dict) -> str:
             f"| {_fmt_reasons(row['errors'])} |"
         )
     lines += _dedup_section(report.get("dedup"))
+    lines += _decontam_section((clean or {}).get("stage_stats", {}).get("decontam"))
+    lines += _select_section(report.get("select"))
     lines += _shard_section(clean)
     return "\n".join(lines) + "\n"
 
@@ -67,6 +71,33 @@ def _dedup_section(d: dict | None) -> list[str]:
         f"{c['clusters']:,} duplicate clusters holding {c['documents_in_clusters']:,} documents "
         f"(largest {c['largest']}); of every group of equal or near-equal documents the first (by shard "
         f"name, then position) is kept. Cluster sizes: {hist}.",
+    ]
+
+
+def _decontam_section(stats: dict | None) -> list[str]:
+    """Documents matching each evaluation set, per input source (dropped or flagged, as configured)."""
+    if not stats or not stats.get("hits"):
+        return (
+            ["", "## Decontamination", "", "No document shares an n-gram with an evaluation set."]
+            if stats is not None
+            else []
+        )
+    out = ["", "## Decontamination", "", "| evaluation set | input source | documents |", "|---|---|---:|"]
+    for name, per_source in sorted(stats["hits"].items()):
+        out += [f"| {name} | {src} | {n:,} |" for src, n in sorted(per_source.items())]
+    return out
+
+
+def _select_section(sel: dict | None) -> list[str]:
+    if not sel:
+        return []
+    c = sel["cut"]
+    return [
+        "",
+        "## Quality model: top fraction",
+        "",
+        f"Kept the best {sel['top_fraction']:.0%} of {c['scored']:,} scored documents: score >= {c['threshold']} "
+        f"keeps {c['kept']:,} (target {c['target']:,}; ties at the cut are all kept).",
     ]
 
 

@@ -21,14 +21,16 @@ from pathlib import Path
 import ray
 
 from pipeline.config import config_hash, save_config, to_dict
-from pipeline.data import dedup
+from pipeline.data import dedup, quality_model
 from pipeline.data.config import TRAIN_HINT, DataConfig, RayConfig, TokenizeConfig
+from pipeline.data.decontam import build_index
 from pipeline.data.document import Counts
 from pipeline.data.readers import input_stem
 from pipeline.data.report import write_reports
 from pipeline.data.shards import Unit, clean_file, clean_hash, shard_paths, sig_path, unit_name
+from pipeline.data.stage import add_stats
 from pipeline.errors import ConfigError, DataError, GristmillError
-from pipeline.io import remove_stale_temps, write_json
+from pipeline.io import remove_stale_temps, sha256_file, write_json
 from pipeline.log import progress
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ def prepare_data(cfg: DataConfig) -> dict:
             report["clean"] = _run_clean(cfg, units, out / "cleaned")
         if "dedup" in cfg.steps:
             report["dedup"] = _run_dedup(cfg, units, out)
+        if _selects(cfg):
+            report["select"] = _run_select(cfg, units, out)
         if "tokenize" in cfg.steps:
             report["tokenize"] = _run_tokenize(cfg, inputs, units, out)
     finally:
@@ -121,8 +125,9 @@ def _start_ray(ray_cfg: RayConfig) -> bool:
 
 
 @ray.remote(num_cpus=1)
-def _clean_task(src: Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str) -> dict:
-    return clean_file(src, cleaned_dir, cfg, cfg_hash)
+def _clean_task(src: Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str, index) -> dict:
+    # `index` arrives as the object-store copy of the driver's NgramIndex (numpy arrays, no copy)
+    return clean_file(src, cleaned_dir, cfg, cfg_hash, index)
 
 
 @ray.remote(num_cpus=1)
@@ -147,8 +152,10 @@ def _run_clean(cfg: DataConfig, units: list[Unit], cleaned_dir: Path) -> dict:
     if n := remove_stale_temps(cleaned_dir):
         log.info("removed %d temporary files left by an interrupted run in %s", n, cleaned_dir)
     h = clean_hash(cfg)
+    # the decontam index is built once and shared through the object store, never per task
+    index = ray.put(build_index(cfg.decontam)) if cfg.decontam.enabled else None
     # absolute paths: a worker on another node (or in another working directory) finds the same files
-    calls = [(Unit(u.path.resolve(), u.byte_range), cleaned_dir.resolve(), cfg, h) for u in units]
+    calls = [(Unit(u.path.resolve(), u.byte_range), cleaned_dir.resolve(), cfg, h, index) for u in units]
     results = _run_tasks(_clean_task, calls, _in_flight(cfg.ray), "clean", lambda s: s["totals"]["in"])
     return summarize_clean({u.name: stats for u, stats in zip(units, results)})
 
@@ -231,8 +238,16 @@ def summarize_clean(shards: dict[str, dict]) -> dict:
         "bytes_in": sum(s["bytes_in"] for s in shards.values()),
         "bytes_out": sum(s["bytes_out"] for s in shards.values()),
         "shards_skipped": sum(bool(s.get("skipped")) for s in shards.values()),
+        "stage_stats": _sum_stage_stats(shards),
         "shards": shards,
     }
+
+
+def _sum_stage_stats(shards: dict[str, dict]) -> dict:
+    total: dict = {}
+    for stats in shards.values():
+        add_stats(total, stats.get("stage_stats", {}))
+    return total
 
 
 def _funnel_stages(shards: dict[str, dict]) -> dict[str, Counts]:
@@ -255,11 +270,51 @@ def _funnel_stages(shards: dict[str, dict]) -> dict[str, Counts]:
     return totals
 
 
+# --- quality_model keep=top_fraction: one cut over the whole job's scores (quality_model.py) ---
+def _selects(cfg: DataConfig) -> bool:
+    return cfg.quality_model.enabled and cfg.quality_model.keep == "top_fraction" and "clean" in cfg.steps
+
+
+def _last_folder(cfg: DataConfig, out: Path) -> Path:
+    """Where the step before tokenize left its shards: selected/, deduped/ or cleaned/."""
+    if _selects(cfg):
+        return out / "selected"
+    return out / ("deduped" if "dedup" in cfg.steps else "cleaned")
+
+
+@ray.remote(num_cpus=1)
+def _score_counts_task(src: Path) -> dict:
+    return quality_model.shard_score_counts(src)
+
+
+@ray.remote(num_cpus=1)
+def _select_task(src: Path, dst: Path, stats: Path, threshold: float, h: str) -> dict:
+    return quality_model.select_shard(src, dst, stats, threshold, h)
+
+
+def _run_select(cfg: DataConfig, units: list[Unit], out: Path) -> dict:
+    """Score counts of every shard -> one job-wide cut -> every shard rewritten into selected/."""
+    folder, selected = out / ("deduped" if "dedup" in cfg.steps else "cleaned"), out / "selected"
+    selected.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(selected)
+    order = sorted(units, key=unit_name)
+    srcs = [shard_paths(folder, u)[0].resolve() for u in order]
+    limit = _in_flight(cfg.ray)
+    counts = _run_tasks(_score_counts_task, [(p,) for p in srcs], limit, "select: scores", lambda r: 0)
+    threshold, cut = quality_model.top_fraction_threshold(counts, cfg.quality_model.top_fraction)
+    h = config_hash({"inputs": [sha256_file(p) for p in srcs], "threshold": threshold})
+    calls = [
+        (src, *[p.resolve() for p in deduped_paths(selected, u)], threshold, h) for src, u in zip(srcs, order)
+    ]
+    results = _run_tasks(_select_task, calls, limit, "select: write", lambda r: r["counts"]["in"])
+    totals = Counts.merge([Counts.from_dict(r["counts"]) for r in results])
+    return {"totals": totals.to_dict(), "cut": cut, "top_fraction": cfg.quality_model.top_fraction}
+
+
 def _run_tokenize(cfg: DataConfig, inputs: list[Path], units: list[Unit], out: Path) -> dict:
     from pipeline.data.manifest import write_manifest  # lazy, like tokenize_file
 
-    folder = out / ("deduped" if "dedup" in cfg.steps else "cleaned")
-    cleaned = [shard_paths(folder, u)[0] for u in units]
+    cleaned = [shard_paths(_last_folder(cfg, out), u)[0] for u in units]
     missing = [str(p) for p in cleaned if not p.is_file()]
     if missing:
         raise DataError(

@@ -23,10 +23,12 @@ import zstandard
 
 from pipeline.config import config_hash
 from pipeline.data.config import DataConfig
+from pipeline.data.decontam import Decontaminate, NgramIndex, build_index, index_fingerprint
 from pipeline.data.dedup import MinHasher, write_signatures
 from pipeline.data.document import Counts, Document
 from pipeline.data.filters import build_filters, build_quality
 from pipeline.data.formats import detect_format, extraction_stages, open_reader
+from pipeline.data.quality_model import QualityModelFilter, model_fingerprint
 from pipeline.data.readers import input_stem
 from pipeline.data.stage import Stage, run_stages
 from pipeline.errors import DataError
@@ -44,6 +46,10 @@ def clean_hash(cfg: DataConfig) -> str:
     """Hash of everything that decides a cleaned shard's bytes (not output_dir, ray or tokenize)."""
     parts = {"version": CLEAN_VERSION, "format": cfg.format, "read": cfg.read, "clean": cfg.clean}
     parts["filters"] = cfg.filters
+    if cfg.quality_model.enabled:  # a retrained model or new evaluation files redo the shards
+        parts["quality_model"] = {"cfg": cfg.quality_model, "model": model_fingerprint(cfg.quality_model)}
+    if cfg.decontam.enabled:
+        parts["decontam"] = index_fingerprint(cfg.decontam)
     if "dedup" in cfg.steps:  # the signatures are part of the shard then
         parts["dedup"] = cfg.dedup
     return config_hash(parts)
@@ -90,8 +96,22 @@ def finished_stats(cleaned_dir: Path, src: str | Path | Unit, cfg_hash: str) -> 
     return stats if stats.get("config_hash") == cfg_hash else None
 
 
-def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str) -> dict:
-    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone."""
+def job_stages(cfg: DataConfig, index: NgramIndex | None) -> list[Stage]:
+    """The stages after the quality rules: learned quality score, then decontamination (with the
+    job's shared n-gram index)."""
+    stages: list[Stage] = []
+    if cfg.quality_model.enabled:
+        stages.append(QualityModelFilter(cfg.quality_model))
+    if cfg.decontam.enabled:
+        stages.append(Decontaminate(cfg.decontam, index if index is not None else build_index(cfg.decontam)))
+    return stages
+
+
+def clean_file(
+    src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str, index: NgramIndex | None = None
+) -> dict:
+    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone.
+    `index` is the decontam n-gram index the runner shares with every task (built here when None)."""
     unit = src if isinstance(src, Unit) else Unit(Path(src))
     done = finished_stats(cleaned_dir, unit, cfg_hash)
     if done is not None:
@@ -104,6 +124,7 @@ def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: s
         *extraction_stages(fmt, reader.site, cfg.read),
         *build_filters(cfg.clean),
         *build_quality(cfg.filters),
+        *job_stages(cfg, index),
     ]
     per_stage = {stage.name: Counts() for stage in stages}
     data_path, stats_path = shard_paths(cleaned_dir, unit)
@@ -116,6 +137,7 @@ def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: s
     if hasher is not None:
         write_signatures(sig_path(cleaned_dir, unit), sigs, cfg.dedup.bands)
     stats["format"] = fmt
+    stats["stage_stats"] = {st.name: st.stage_stats() for st in stages if st.stage_stats()}
     stats["bytes_out"] = data_path.stat().st_size
     write_json(stats_path, stats)
     return {**stats, "skipped": False}
