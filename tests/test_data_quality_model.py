@@ -135,3 +135,16 @@ def test_binary_metrics_by_hand():
         2 / 3, abs=1e-4
     )
     assert m["roc_auc"] == pytest.approx(5 / 6, abs=1e-4)  # 5 of 6 (positive, negative) pairs ordered
+
+
+def test_shipped_configs_load():
+    from pipeline.config import load_config
+    from pipeline.data.config import DataConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(QualityTrainConfig, repo / "configs" / "quality" / "sample.yaml")
+    assert cfg.positives[2].fields == ["instances.output"] and cfg.threads == 1
+    data = load_config(
+        DataConfig, repo / "configs" / "data" / "all_samples.yaml", ["quality_model.enabled=true"]
+    )
+    assert data.quality_model.keep == "top_fraction" and data.decontam.eval_sets[0].name == "self_instruct"

@@ -1,0 +1,323 @@
+"""Does our data prep make better training data? The same small Llama, trained on the web samples
+after each stage of the pipeline in turn, scored on held-out Wikipedia text.
+
+Rows (each adds one step to the row above; all read the same web inputs of ../shared/data/raw/web):
+  raw       extracted text only: no filters, no min length, no dedup
+  +langid   lid.176, English and Chinese (the two languages of the held-out text), min length 200, PII
+  +gopher   Gopher repetition and quality rules
+  +c4       C4 rules (FineWeb's setting: the terminal-punctuation line rule off)
+  +fineweb  FineWeb's three rules
+  +dedup    exact + MinHash near-duplicate removal           (= the pipeline as configured today)
+  +quality  the learned fastText quality model, best half of the job kept (DCLM's recipe, which
+            keeps 10% of a far larger pool)                   (= the full pipeline)
+Every row trains the same model, with the same tokenizer (SentencePiece trained on a neutral
+mix: all of the raw web text plus the Wikipedia training half), for the same number of tokens, 3
+seeds each. Evaluation: the English and Chinese Wikipedia sample documents whose seeded hash of
+the id puts them in the held-out half; nothing held out reaches the tokenizer, the quality
+model (whose positives are the other half and instruction answers) or any training row.
+
+Three resumable phases, results cached under --out (per-row shards, token files, one JSON per run):
+    python bench/ablation.py --size tiny                 # minutes: the whole thing, small
+    nice -n 5 python bench/ablation.py --size full       # the table: < 40 min on 2 quiet CPU cores
+    python bench/ablation.py prep  --out out/ablation    # data only (needs Ray and the data libraries)
+    python bench/ablation.py train --out out/ablation --size full   # torch + transformers only
+    python bench/ablation.py report --out out/ablation --size full  # table, ablation.md, ablation.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _ablation_train import SIZES, train_and_eval  # noqa: E402
+
+log = logging.getLogger("ablation")
+RAW = REPO.parent / "shared" / "data" / "raw"
+WEB = ["web/*.warc.gz", "web/*.warc.wet.gz", "web/*.jsonl*", "web/c4-shards/*.json.gz"]
+WIKI = ["wiki/enwiki*.xml.bz2", "wiki/zhwiki*.xml"]
+ROWS = ["raw", "+langid", "+gopher", "+c4", "+fineweb", "+dedup", "+quality"]
+FILTERS = {"+gopher": ["gopher_repetition", "gopher_quality"], "+c4": ["c4"], "+fineweb": ["fineweb"]}
+SEEDS = (0, 1, 2)
+HOLDOUT_SALT = "ablation-holdout"
+
+
+def held_out(doc_id: str) -> bool:
+    """The fixed split: half the Wikipedia documents, by a salted hash of the id."""
+    return hashlib.blake2b(f"{HOLDOUT_SALT}\x00{doc_id}".encode(), digest_size=8).digest()[0] < 128
+
+
+def row_config(row: str, out: Path, quality_dir: Path | None, top_fraction: float):
+    """The data-prep config of one row: configs/data/all_samples.yaml with the row's steps switched on."""
+    from pipeline.config import load_config
+    from pipeline.data.config import DataConfig
+    from pipeline.data.quality_model import QualityModelConfig
+
+    upto = ROWS.index(row)
+    on = [f for r in ROWS[2 : upto + 1] for f in FILTERS.get(r, [])]
+    names = ["langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
+    flags = [
+        f"filters.{n}.enabled={str(n in on or (upto >= 1 and n in ('langid', 'pii'))).lower()}" for n in names
+    ]
+    overrides = [*flags, "filters.langid.languages=[en, zh]", "filters.skip_sources=[]", "ray.num_cpus=2"]
+    overrides += ["clean.min_chars=0"] if row == "raw" else []
+    overrides += ["steps=[clean, dedup]"] if upto >= ROWS.index("+dedup") else ["steps=[clean]"]
+    cfg = load_config(DataConfig, REPO / "configs" / "data" / "all_samples.yaml", overrides)
+    inputs = [str(RAW / pattern) for pattern in WEB]
+    cfg = dataclasses.replace(
+        cfg, inputs=inputs, output_dir=out / "rows" / row.lstrip("+"), name=f"ablation {row}"
+    )
+    if row == "+quality":
+        qm = QualityModelConfig(
+            enabled=True, model=quality_dir, keep="top_fraction", top_fraction=top_fraction
+        )
+        cfg = dataclasses.replace(cfg, quality_model=qm)
+    return cfg
+
+
+def read_docs(folder: Path) -> list[dict]:
+    """Every document of the shards in a folder (sorted by file name: a stable order)."""
+    from pipeline.io import read_jsonl_zst
+
+    return [row for path in sorted(folder.glob("*.jsonl.zst")) for row in read_jsonl_zst(path)]
+
+
+def prep_wiki(out: Path) -> dict[str, list[dict]]:
+    """Clean the en/zh Wikipedia samples (no quality filters) and split them by `held_out`."""
+    from pipeline.config import load_config
+    from pipeline.data.config import DataConfig
+    from pipeline.data.runner import prepare_data
+
+    wiki_dir = out / "wiki"
+    cfg = load_config(
+        DataConfig, None, ["inputs=[x]", f"output_dir={wiki_dir}", "steps=[clean]", "ray.num_cpus=2"]
+    )
+    prepare_data(dataclasses.replace(cfg, inputs=[str(RAW / p) for p in WIKI]))
+    split: dict[str, list[dict]] = {"train": [], "eval_en": [], "eval_zh": []}
+    for doc in read_docs(wiki_dir / "cleaned"):
+        lang = "zh" if doc["id"].startswith("zhwiki") else "en"
+        split[f"eval_{lang}" if held_out(doc["id"]) else "train"].append(doc)
+    return split
+
+
+def prep_quality_model(out: Path, wiki_train: list[dict], raw_docs: list[dict]) -> Path:
+    """The DCLM-style classifier: Wikipedia training half + instruction answers vs. raw web text."""
+    from pipeline.data.quality_train import QualityTrainConfig, TextSource, train_quality_model
+    from pipeline.io import write_jsonl_zst
+
+    write_jsonl_zst(out / "quality_pos_wiki.jsonl.zst", wiki_train)
+    write_jsonl_zst(out / "quality_neg_web.jsonl.zst", raw_docs)
+    sft = RAW / "sft"
+    cfg = QualityTrainConfig(
+        name="quality",
+        output_root=out,
+        positives=[
+            TextSource(str(out / "quality_pos_wiki.jsonl.zst")),
+            TextSource(str(sft / "alpaca_en_demo.json"), ["output"]),
+            TextSource(str(sft / "alpaca_zh_demo.json"), ["output"]),
+            TextSource(str(sft / "self-instruct-seed_tasks.jsonl"), ["instances.output"]),
+        ],
+        negatives=[TextSource(str(out / "quality_neg_web.jsonl.zst"))],
+        max_chars=4000,
+    )
+    return train_quality_model(cfg)
+
+
+def prep(out: Path, top_fraction: float) -> None:
+    """Phase 1: every row's documents, the tokenizer, and the token files the training reads."""
+    from pipeline.data.runner import prepare_data
+
+    out.mkdir(parents=True, exist_ok=True)
+    wiki = prep_wiki(out)
+    docs: dict[str, list[dict]] = {}
+    quality_dir = None
+    for row in ROWS:
+        if row == "+quality" and quality_dir is None:
+            quality_dir = prep_quality_model(out, wiki["train"], docs["raw"])
+        report = prepare_data(row_config(row, out, quality_dir, top_fraction))
+        folder = "selected" if "select" in report else "deduped" if "dedup" in report else "cleaned"
+        docs[row] = read_docs(out / "rows" / row.lstrip("+") / folder)
+        log.info(
+            "row %-9s %6d documents, %9d characters",
+            row,
+            len(docs[row]),
+            sum(len(d["text"]) for d in docs[row]),
+        )
+    tok = train_tokenizer(out, docs["raw"] + wiki["train"])
+    write_tokens(
+        out, tok, {**{r: docs[r] for r in ROWS}, "eval_en": wiki["eval_en"], "eval_zh": wiki["eval_zh"]}
+    )
+
+
+def train_tokenizer(out: Path, docs: list[dict]) -> Path:
+    """SentencePiece (4k BPE, our trainer's settings) on the neutral mix; returns the model file."""
+    from pipeline.tokenizer.config import TokenizerConfig
+    from pipeline.tokenizer.train import train_model
+
+    path = out / "tokenizer.model"
+    if not path.is_file():
+        lines = [line for d in docs for line in d["text"].split("\n") if line.strip()]
+        path.write_bytes(train_model(lines, TokenizerConfig(name="ablation", inputs=["-"], vocab_size=4000)))
+    return path
+
+
+def write_tokens(out: Path, tok: Path, sets: dict[str, list[dict]]) -> None:
+    """One `tokens/<name>.npy` per row and eval set: each document's ids then EOS (id 2)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    (out / "tokens").mkdir(exist_ok=True)
+    meta = {"vocab": sp.get_piece_size(), "sets": {}}
+    for name, docs in sets.items():
+        ids = [i for piece in sp.encode([d["text"] for d in docs]) for i in (*piece, 2)]
+        np.save(out / "tokens" / f"{name.lstrip('+')}.npy", np.asarray(ids, dtype=np.uint16))
+        meta["sets"][name] = {
+            "documents": len(docs),
+            "tokens": len(ids),
+            "chars": sum(len(d["text"]) for d in docs),
+        }
+    (out / "tokens" / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def train(out: Path, size_name: str, max_runs: int = 0) -> None:
+    """Phase 2: every (row, seed) not already done with this size (at most `max_runs`, 0: all); one JSON each."""
+    size = SIZES[size_name]
+    meta = json.loads((out / "tokens" / "meta.json").read_text())
+    evals = {lang: np.load(out / "tokens" / f"eval_{lang}.npy") for lang in ("en", "zh")}
+    done_dir = out / "results" / size_name
+    done_dir.mkdir(parents=True, exist_ok=True)
+    todo = [(r, s) for r in ROWS for s in SEEDS if not (done_dir / f"{r.lstrip('+')}-s{s}.json").is_file()]
+    for row, seed in todo[: max_runs or None]:
+        tokens = np.load(out / "tokens" / f"{row.lstrip('+')}.npy")
+        res = train_and_eval(tokens, evals, meta["vocab"], seed, size)
+        res.update(row=row, seed=seed, train_tokens_available=len(tokens))
+        (done_dir / f"{row.lstrip('+')}-s{seed}.json").write_text(json.dumps(res, indent=2))
+        ev = res["eval"]
+        log.info(
+            "%-9s seed %d: eval en %.4f zh %.4f (%.0f s)",
+            row,
+            seed,
+            ev["en"]["loss"],
+            ev["zh"]["loss"],
+            res["seconds"],
+        )
+
+
+def summarize(out: Path, size_name: str) -> list[dict]:
+    """Mean and std over seeds of the held-out loss per row (token-weighted over en + zh, and each)."""
+    meta = json.loads((out / "tokens" / "meta.json").read_text())
+    table = []
+    for row in ROWS:
+        runs = [
+            json.loads(p.read_text())
+            for p in sorted((out / "results" / size_name).glob(f"{row.lstrip('+')}-s*.json"))
+        ]
+        if not runs:
+            continue
+        both = [_weighted(r["eval"]) for r in runs]
+        entry = {
+            "row": row,
+            "seeds": len(runs),
+            "mean": float(np.mean(both)),
+            "std": float(np.std(both, ddof=1)) if len(runs) > 1 else 0.0,
+        }
+        for lang in ("en", "zh"):
+            entry[lang] = float(np.mean([r["eval"][lang]["loss"] for r in runs]))
+        entry.update(docs=meta["sets"][row]["documents"], tokens=meta["sets"][row]["tokens"])
+        table.append(entry)
+    return table
+
+
+def _weighted(ev: dict) -> float:
+    return sum(v["loss"] * v["tokens"] for v in ev.values()) / sum(v["tokens"] for v in ev.values())
+
+
+def report(out: Path, size_name: str) -> str:
+    """Print and write the table (ablation.md) and the bar chart (ablation.png); the verdict on (b) vs (a)."""
+    table = summarize(out, size_name)
+    lines = [
+        f"| row | documents | train tokens | held-out loss (mean ± std, {table[0]['seeds'] if table else 0} seeds) | en | zh |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    lines += [
+        f"| {t['row']} | {t['docs']:,} | {t['tokens']:,} | {t['mean']:.4f} ± {t['std']:.4f} | {t['en']:.4f} | {t['zh']:.4f} |"
+        for t in table
+    ]
+    by = {t["row"]: t for t in table}
+    if "raw" in by and "+quality" in by:
+        a, b = by["raw"], by["+quality"]
+        gap, sd = a["mean"] - b["mean"], max(a["std"], b["std"])
+        verdict = "met" if gap > 2 * sd else "NOT met"
+        lines += [
+            "",
+            f"(b) full pipeline vs (a) raw: {gap:+.4f} nats/token (2 std = {2 * sd:.4f}): goal {verdict}.",
+        ]
+    text = "\n".join(lines)
+    (out / f"ablation-{size_name}.md").write_text(text + "\n")
+    _plot(out / f"ablation-{size_name}.png", table, size_name)
+    return text
+
+
+def _plot(path: Path, table: list[dict], size_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(
+        [t["row"] for t in table],
+        [t["mean"] for t in table],
+        yerr=[t["std"] for t in table],
+        capsize=4,
+        color="#4c72b0",
+    )
+    low = min(t["mean"] - t["std"] for t in table)
+    ax.set_ylim(low - 0.05 * abs(low), max(t["mean"] + t["std"] for t in table) * 1.01)
+    ax.set_ylabel("held-out Wikipedia loss (nats/token)")
+    ax.set_title(f"Training ablation ({size_name}): each data-prep stage added in turn")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", nargs="?", default="all", choices=["all", "prep", "train", "report"])
+    p.add_argument("--out", type=Path, default=REPO / "out" / "ablation")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument(
+        "--top-fraction", type=float, default=0.5, help="share the quality model keeps (+quality row)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument(
+        "--max-runs", type=int, default=0, help="train at most this many (row, seed) runs now (0: all)"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.phase in ("all", "prep") and not (args.out / "tokens" / "meta.json").is_file():
+        prep(args.out, args.top_fraction)
+    if args.phase in ("all", "train"):
+        train(args.out, args.size, args.max_runs)
+    if args.phase in ("all", "report", "train"):
+        print(report(args.out, args.size))
+    log.info("done in %.0f s", time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
