@@ -34,7 +34,7 @@ _MARKS = (  # combining marks that Python's \w leaves out but that sit inside wo
 )
 _WORD = rf"(?:[^\W_{_NO_SPACE}]|[{_MARKS}])+"
 _UNITS = re.compile(rf"[{_NO_SPACE}]|{_WORD}")
-_UNSPACED = re.compile(rf"[{_NO_SPACE}]")
+_UNSPACED = re.compile(rf"[{_NO_SPACE}]+")
 
 
 def normalize(text: str) -> str:
@@ -48,9 +48,9 @@ def word_units(text: str) -> list[str]:
 
 
 def spaced(text: str) -> str:
-    """Lower-cased text on one line, whitespace collapsed, each character of an unspaced script
-    set apart: the cheap form a fastText classifier splits into words (no NFKC, kept fast)."""
-    text = text.lower()
-    if _UNSPACED.search(text):
-        text = _UNSPACED.sub(r" \g<0> ", text)
-    return " ".join(text.split())
+    """Lower-cased text on one line, each character of an unspaced script set apart: the cheap form
+    a fastText classifier splits into words (no NFKC and no punctuation split, to stay fast)."""
+    text = text.lower().replace("\n", " ")  # fastText reads up to "\n"; other whitespace splits words
+    if _UNSPACED.search(text):  # one match per run of characters, spaced by a C-level join
+        text = _UNSPACED.sub(lambda m: " " + " ".join(m.group()) + " ", text)
+    return text
