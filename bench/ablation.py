@@ -233,10 +233,16 @@ def summarize(out: Path, size_name: str) -> list[dict]:
             "std": float(np.std(both, ddof=1)) if len(runs) > 1 else 0.0,
         }
         for lang in ("en", "zh"):
-            entry[lang] = float(np.mean([r["eval"][lang]["loss"] for r in runs]))
+            losses = [r["eval"][lang]["loss"] for r in runs]
+            entry[lang] = float(np.mean(losses))
+            entry[f"{lang}_std"] = float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0
         entry.update(docs=meta["sets"][row]["documents"], tokens=meta["sets"][row]["tokens"])
         table.append(entry)
     return table
+
+
+def _std(key: str) -> str:
+    return "std" if key == "mean" else f"{key}_std"
 
 
 def _weighted(ev: dict) -> float:
@@ -251,18 +257,20 @@ def report(out: Path, size_name: str) -> str:
         "|---|---:|---:|---|---:|---:|",
     ]
     lines += [
-        f"| {t['row']} | {t['docs']:,} | {t['tokens']:,} | {t['mean']:.4f} ± {t['std']:.4f} | {t['en']:.4f} | {t['zh']:.4f} |"
+        f"| {t['row']} | {t['docs']:,} | {t['tokens']:,} | {t['mean']:.4f} ± {t['std']:.4f} "
+        f"| {t['en']:.4f} ± {t['en_std']:.4f} | {t['zh']:.4f} ± {t['zh_std']:.4f} |"
         for t in table
     ]
     by = {t["row"]: t for t in table}
     if "raw" in by and "+quality" in by:
         a, b = by["raw"], by["+quality"]
-        gap, sd = a["mean"] - b["mean"], max(a["std"], b["std"])
-        verdict = "met" if gap > 2 * sd else "NOT met"
-        lines += [
-            "",
-            f"(b) full pipeline vs (a) raw: {gap:+.4f} nats/token (2 std = {2 * sd:.4f}): goal {verdict}.",
-        ]
+        lines.append("")
+        for key, name in (("mean", "en + zh"), ("en", "English"), ("zh", "Chinese")):
+            gap, sd = a[key] - b[key], max(a[_std(key)], b[_std(key)])
+            verdict = "met" if gap > 2 * sd else "NOT met"
+            lines.append(
+                f"{name}: (b) full pipeline vs (a) raw {gap:+.4f} nats/token (2 std = {2 * sd:.4f}): goal {verdict}."
+            )
     text = "\n".join(lines)
     (out / f"ablation-{size_name}.md").write_text(text + "\n")
     _plot(out / f"ablation-{size_name}.png", table, size_name)
@@ -275,18 +283,17 @@ def _plot(path: Path, table: list[dict], size_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(
-        [t["row"] for t in table],
-        [t["mean"] for t in table],
-        yerr=[t["std"] for t in table],
-        capsize=4,
-        color="#4c72b0",
-    )
-    low = min(t["mean"] - t["std"] for t in table)
-    ax.set_ylim(low - 0.05 * abs(low), max(t["mean"] + t["std"] for t in table) * 1.01)
-    ax.set_ylabel("held-out Wikipedia loss (nats/token)")
-    ax.set_title(f"Training ablation ({size_name}): each data-prep stage added in turn")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("mean", "en", "zh"), ("en + zh", "English", "Chinese")):
+        means = [t[key] for t in table]
+        stds = [t[_std(key)] for t in table]
+        ax.bar([t["row"] for t in table], means, yerr=stds, capsize=4, color="#4c72b0")
+        low, high = min(m - e for m, e in zip(means, stds)), max(m + e for m, e in zip(means, stds))
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+        ax.set_title(f"held-out Wikipedia, {title}")
+        ax.tick_params(axis="x", labelrotation=45)
+    axes[0].set_ylabel("loss (nats/token), mean ± std over seeds")
+    fig.suptitle(f"Training ablation ({size_name}): each data-prep stage added in turn")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -271,13 +271,18 @@ def _funnel_stages(shards: dict[str, dict]) -> dict[str, Counts]:
 
 
 # --- quality_model keep=top_fraction: one cut over the whole job's scores (quality_model.py) ---
+def _top_fraction(cfg: DataConfig) -> bool:
+    return cfg.quality_model.enabled and cfg.quality_model.keep == "top_fraction"
+
+
 def _selects(cfg: DataConfig) -> bool:
-    return cfg.quality_model.enabled and cfg.quality_model.keep == "top_fraction" and "clean" in cfg.steps
+    """Run the cut in this job: after the clean or dedup step (a tokenize-only run reads its result)."""
+    return _top_fraction(cfg) and bool({"clean", "dedup"} & set(cfg.steps))
 
 
 def _last_folder(cfg: DataConfig, out: Path) -> Path:
     """Where the step before tokenize left its shards: selected/, deduped/ or cleaned/."""
-    if _selects(cfg):
+    if _top_fraction(cfg):
         return out / "selected"
     return out / ("deduped" if "dedup" in cfg.steps else "cleaned")
 
