@@ -94,8 +94,13 @@ def model_files(model: Path, positive_label: str) -> tuple[Path, str, str]:
                 "quality_model.model",
                 f"{model} has no {SIDECAR}; is it a folder from launch/train_quality_model.py?",
             )
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-        return model / info["model_file"], info["library"], info["labels"]["positive"]
+        try:
+            info = json.loads(sidecar.read_text(encoding="utf-8"))
+            return model / info["model_file"], info["library"], info["labels"]["positive"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(
+                "quality_model.model", f"{sidecar} is damaged ({type(exc).__name__}: {exc})"
+            ) from None
     if not model.is_file():
         raise ConfigError("quality_model.model", f"{model} not found")
     return model, "fasttext", positive_label

@@ -114,9 +114,11 @@ def read_source(src: TextSource, i: int, key: str, cfg: QualityTrainConfig) -> t
                 continue
             n["records"] += 1
             for text in field_texts(rec, src.fields):
-                ok = len(text) >= cfg.min_chars
-                n["texts" if ok else "too_short"] += 1
-                texts.append(text) if ok else None
+                if len(text) < cfg.min_chars:
+                    n["too_short"] += 1
+                    continue
+                n["texts"] += 1
+                texts.append(text)
         if n["records"] and not n["texts"] + n["too_short"]:
             raise ConfigError(f"{key}[{i}].fields", f"no record of {path} has any of {src.fields}")
         prints.append({"file": path.name, "sha256": sha256_file(path), **n})
