@@ -2,7 +2,7 @@
 
 Both are measured in the same process, one after the other, on random tokens (so the data
 loader is not part of either): the baseline is `LlamaForCausalLM` + torch AdamW (DDP over gloo/NCCL
-when there are several ranks); ours is `pipeline.train.engine.Engine` with `ds_config` (ZeRO off =
+when there are several ranks); ours is `pipeline.runtime.engine.Engine` with `ds_config` (ZeRO off =
 stage 0, then the stages asked for). Prints one row per stage with the ratio ours / plain (tokens/s), and the plain loop measured a second
 time at the end: the gap between the two plain rows is the noise of the machine.
 
@@ -29,9 +29,9 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.model.build import build_model  # noqa: E402
 from pipeline.model.config import ModelConfig  # noqa: E402
 from pipeline.model.flops import flops_per_token  # noqa: E402
-from pipeline.train import telemetry  # noqa: E402
-from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig  # noqa: E402
-from pipeline.train.engine import Engine, device_name, ds_config, init_distributed, param_groups  # noqa: E402
+from pipeline.runtime import telemetry  # noqa: E402
+from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig  # noqa: E402
+from pipeline.runtime.engine import Engine, device_name, ds_config, init_distributed, param_groups  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

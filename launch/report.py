@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: <run>/report.png)")
     args = parser.parse_args(argv)
 
-    from pipeline.train.report import render_report
+    from pipeline.runtime.report import render_report
 
     with user_errors():
         print(render_report(args.run, args.out))

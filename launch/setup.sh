@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up Gristmill in ./.venv (created if missing). To use an environment of your own instead,
-# install torch as you like, then `pip install -e ".[dev]"`.
+# install torch as you like, then `pip install -e ".[dev,deploy]"`.
 #
 #   bash launch/setup.sh          # the package and its runtime dependencies
-#   bash launch/setup.sh dev      # ... plus pytest and ruff
+#   bash launch/setup.sh dev      # ... plus pytest and ruff, and the `deploy` extra the tests need
+#                                 # (gguf, torchao, lm-eval: GGUF export, quantization, harness)
 #
 # PyTorch: on a machine with an NVIDIA GPU, pip's default (CUDA) build is installed; without one,
 # the CPU build of torch 2.13.0 is installed first, so nothing pulls a multi-GB CUDA build.
@@ -28,6 +29,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 
 extras=""
-[ "${1:-}" = "dev" ] && extras="[dev]"
+[ "${1:-}" = "dev" ] && extras="[dev,deploy]"
 python -m pip install -e ".${extras}"
 python -c "import torch, deepspeed, transformers, ray, sentencepiece; print('setup: ok, torch', torch.__version__)"

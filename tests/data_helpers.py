@@ -61,6 +61,8 @@ class Expect:
     """Texts that must come out (in this order)."""
     errors: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
+    noted: dict[str, int] = field(default_factory=dict)
+    """Repairs counted (Counts.noted), e.g. a stripped BOM."""
 
 
 def build_bad_corpus(folder: Path) -> dict[str, Expect]:
@@ -78,6 +80,9 @@ def build_bad_corpus(folder: Path) -> dict[str, Expect]:
         out[name] = Expect(-1, [], {"truncated_input": 1})  # -1: the prefix read is checked by the test
     out.update(_line_damage(folder, texts))
     out.update(_xml_damage(folder))
+    out.update(_repairable(folder, texts))
+    out.update(_member_damage(folder, rows))
+    out.update(_page_damage(folder))
     out.update(_warc_damage(folder))
     for name in ("empty.jsonl", "empty.warc.gz", "empty.xml"):
         (folder / name).write_bytes(b"")
@@ -118,8 +123,58 @@ def _xml_damage(folder: Path) -> dict[str, Expect]:
     )
     (folder / "truncated.xml.bz2").write_bytes(data[: len(data) * 3 // 4])  # past the first 900 kB block
     return {
-        "malformed.xml": Expect(4, [a[3] for a in ARTICLES[:3]], {"malformed_xml": 1}),
+        "malformed.xml": Expect(5, [a[3] for a in ARTICLES if a[0] != "Article 4"], {"malformed_xml": 1}),
         "truncated.xml.bz2": Expect(-1, [], {"truncated_input": 1}),
+    }
+
+
+def _repairable(folder: Path, texts: list[str]) -> dict[str, Expect]:
+    """Records a reader repairs and keeps: a lone surrogate (JSON escape), a UTF-8 BOM."""
+    good = [json.dumps(good_line(i)).encode() for i in range(3)]
+    surrogate = b'{"id": "s", "text": "half a pair \\ud800 here, ' + b"long enough " * 3 + b'"}'
+    (folder / "lone_surrogate.jsonl").write_bytes(b"\n".join([good[0], surrogate, good[1]]) + b"\n")
+    (folder / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(good) + b"\n")
+    return {
+        "lone_surrogate.jsonl": Expect(
+            3, [texts[0], "half a pair \ufffd here", texts[1]], noted={"lone_surrogate": 1}
+        ),
+        "bom.jsonl": Expect(3, texts[:3], noted={"bom": 1}),
+    }
+
+
+def _member_damage(folder: Path, rows: list[dict]) -> dict[str, Expect]:
+    """Multi-member gzip and multi-stream bz2 files whose middle member is corrupt."""
+    out = {}
+    for suffix, compress in ((".gz", lambda b: gzip.compress(b, mtime=0)), (".bz2", bz2.compress)):
+        members = [compress(jsonl_bytes(rows[i * 20 : i * 20 + 20])) for i in range(3)]
+        middle = bytearray(members[1])
+        middle[len(middle) // 2 : len(middle) // 2 + 8] = b"\xff" * 8
+        name = f"corrupt_member.jsonl{suffix}"
+        (folder / name).write_bytes(members[0] + bytes(middle) + members[2])
+        # the first and last members' 40 lines come out; the damaged member's may come out up to the damage
+        out[name] = Expect(-1, [], {"corrupt_input": 1})
+    return out
+
+
+def _page_damage(folder: Path) -> dict[str, Expect]:
+    """300-page dumps with one bad page (an invalid UTF-8 byte, an unclosed tag), and a truncated .xml.gz."""
+    pages = [(f"P{i}", 0, i, f"Page text {i}. " * 30) for i in range(1, 301)]
+    xml = make_dump(pages).encode()
+    bad_byte = xml.replace(b"Page text 150. ", b"Page text 150\xff ", 1)
+    (folder / "bad_byte.xml").write_bytes(bad_byte)
+    unclosed = xml.replace(b"<title>P150</title>", b"<title>P150", 1)
+    (folder / "unclosed_tag.xml").write_bytes(unclosed)
+    texts = [p[3] for p in pages]
+    data = gzip.compress(xml, mtime=0)
+    (folder / "truncated_pages.xml.gz").write_bytes(data[: len(data) * 2 // 3])
+    return {
+        "bad_byte.xml": Expect(
+            300,
+            ["Page text 150\ufffd" if i == 149 else t for i, t in enumerate(texts)],
+            noted={"bad_utf8_replaced": 1},
+        ),
+        "unclosed_tag.xml": Expect(300, texts[:149] + texts[150:], {"malformed_xml": 1}),
+        "truncated_pages.xml.gz": Expect(-1, [], {"truncated_input": 1}),
     }
 
 

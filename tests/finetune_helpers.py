@@ -122,6 +122,35 @@ def ft_init() -> Path:
     return shared_init_model(RAW if RAW.is_dir() else None)
 
 
+@pytest.fixture(scope="session")
+def ft_tok(ft_init):
+    """The tokenizer of the shared init folder (our special tokens, chat roles and template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ft_init)
+
+
+def tiny_llama(task: str = "sft", vocab_size: int = 64, seed: int = 0):
+    """A random 2-layer, 32-wide Llama (no tokenizer): a causal LM, or a 3-class classifier."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        num_labels=3,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return (LlamaForSequenceClassification if task == "classify" else LlamaForCausalLM)(cfg).float()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from data_helpers import build_bad_corpus
+from data_helpers import build_bad_corpus, good_line
 from helpers import assert_accounting
 
 from pipeline.data.config import CleanConfig, DataConfig
 from pipeline.data.formats import detect_format, open_reader
 from pipeline.data.shards import clean_file
 from pipeline.errors import DataError
+from pipeline.io import read_jsonl_zst
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def test_every_file_reads_with_its_damage_counted(corpus, caplog):
         counts = reader.counts
         assert counts.errors == want.errors, name
         assert counts.dropped == want.dropped, name
+        assert counts.noted == want.noted, name
         n_in = want.records if want.records >= 0 else counts.total_in
         assert_accounting(n_in, docs, counts)
         assert _in_order(want.good, [d.text for d in docs]), name
@@ -49,6 +51,38 @@ def test_truncated_streams_keep_the_records_before_the_cut(corpus):
         assert len(docs) > 0 and reader.counts.errors == {"truncated_input": 1}, name
         if name.endswith(".jsonl.gz"):
             assert docs[-1].id == f"truncated/g{len(docs) - 1}"  # an unbroken prefix, in order
+
+
+@pytest.mark.parametrize("name", ["corrupt_member.jsonl.gz", "corrupt_member.jsonl.bz2"])
+def test_corrupt_middle_member_keeps_the_members_around_it(corpus, caplog, name):
+    folder, _ = corpus
+    with caplog.at_level(logging.WARNING):
+        reader, docs = read_all(folder / name)
+    ids = [d.id for d in docs]
+    assert ids[:20] == [f"corrupt_member/g{i}" for i in range(20)]
+    assert ids[-20:] == [f"corrupt_member/g{i}" for i in range(40, 60)]
+    assert all(d.text == good_line(int(d.id.rsplit("g", 1)[1]))["text"] for d in docs)  # nothing spliced
+    assert reader.counts.errors == {"corrupt_input": 1} and "compressed byte" in caplog.text
+
+
+def test_truncated_xml_gz_keeps_every_complete_page(corpus):
+    import zlib
+
+    folder, _ = corpus
+    data = (folder / "truncated_pages.xml.gz").read_bytes()
+    decodable = zlib.decompressobj(wbits=31).decompress(data)
+    reader, docs = read_all(folder / "truncated_pages.xml.gz")
+    assert len(docs) == decodable.count(b"</page>") > 100
+    assert reader.counts.errors == {"truncated_input": 1}
+
+
+def test_repaired_records_are_written_and_counted(corpus, tmp_path):
+    folder, _ = corpus
+    cfg = DataConfig(inputs=["x"], output_dir=tmp_path, steps=["clean"], clean=CleanConfig(min_chars=10))
+    stats = clean_file(folder / "lone_surrogate.jsonl", tmp_path / "cleaned", cfg, "h")
+    assert stats["totals"]["kept"] == 3 and stats["totals"]["noted"] == {"lone_surrogate": 1}
+    rows = list(read_jsonl_zst(tmp_path / "cleaned" / "lone_surrogate.jsonl.zst"))
+    assert "half a pair \ufffd here" in rows[1]["text"]
 
 
 def test_warc_damage_keeps_the_records_around_it(corpus, caplog):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from helpers import assert_accounting
 
 from pipeline.data.document import Document
-from pipeline.data.extract import WikitextExtractor, wikitext_to_text
+from pipeline.data.extract import WikitextExtractor, markup_leak_lines, wikitext_to_text
 from pipeline.data.filters import normalize_text
 from pipeline.data.readers import WikipediaReader
 
@@ -30,6 +32,9 @@ LEAKS = [
     "<gallery",
     "<math",
 ]
+
+
+EMPTY_PAIR = re.compile(r"\(\s*[,;]?\s*\)|（\s*[，、；]?\s*）|\(\s*[,;]\s*[,;]")
 
 
 def clean(wikitext: str, site: dict | None = None) -> str:
@@ -59,6 +64,17 @@ def clean(wikitext: str, site: dict | None = None) -> str:
         ),
         ("__NOTOC__\n* one\n# two\n[http://x.org a site] [http://y.org]", "one\ntwo\na site"),
         ("[[WP:NPOV|neutral point of view]] stays", "neutral point of view stays"),
+        # an unbalanced '' in an infobox parameter once let the whole infobox through as text
+        (
+            "{{Infobox country\n| name = ''Sverige\n| capital = [[Stockholm]]\n| pop = {{formatnum:1}}\n}}\n"
+            "'''Sweden''' ({{lang-sv|Sverige}}, {{IPA|[ˈsvæ̌rjɛ]}}, tiếng Anh: Sweden) is a ''country''.",
+            "Sweden (tiếng Anh: Sweden) is a country.",
+        ),
+        ("Albedo ({{IPA|x}}) or reflection ({{lang|a}}; {{lang|b}})", "Albedo or reflection"),
+        ("哲學（{{lang-en|Philosophy}}）是研究（{{a}}、{{b}}、普遍）的學科", "哲學是研究（普遍）的學科"),
+        ("A {{outer|{{inner|{{deep}}}}|x}} B", "A B"),
+        ("Text {{unclosed\n| key = v\n| other = w\nMore text.", "Text\nMore text."),
+        ("a }} b [Test volūda|label]] c", "a b label c"),
     ],
 )
 def test_wikitext_to_text(wikitext, expected):
@@ -96,7 +112,14 @@ def test_real_dumps_have_no_leftover_markup(raw_samples, name):
     out, counts = WikitextExtractor(reader.site).process(docs)
     assert_accounting(n_in, out, counts)
     assert counts.errors == {}
+    assert counts.noted.get("markup_leak_lines", 0) == 0
+    assert not [m for d in out for m in EMPTY_PAIR.findall(d.text)]  # what removed templates leave
     for leak in LEAKS:
         hits = [d.id for d in out if leak in d.text]
         assert not hits, f"{leak!r} left in {hits[:5]}"
     assert sum(len(d.text) for d in out) > 0.2 * sum(len(d.text) for d in docs)  # the prose survived
+
+
+def test_markup_leak_lines_counts_markup_lines():
+    text = "fine line\n{{Infobox\n| name = X\n[[link]] here\nprose with a | pipe = sign\n}}"
+    assert markup_leak_lines(text) == 4  # the prose pipe is not at the line start

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 
 import pytest
 from helpers import assert_accounting
 
-from pipeline.data.config import CleanConfig
+from pipeline.data.config import CleanConfig, FiltersConfig
 from pipeline.data.document import Counts, Document
-from pipeline.data.filters import FILTERS, MinLength, Normalize, build_filters, normalize_text
+from pipeline.data.filters import FILTERS, MinLength, Normalize, build_filters, build_quality, normalize_text
 from pipeline.data.stage import Stage, run_stages
 
 
@@ -47,9 +48,15 @@ def test_min_length_reasons():
 
 
 def test_registry_and_chain_from_config():
-    assert {"normalize": Normalize, "min_length": MinLength} == FILTERS
     chain = build_filters(CleanConfig(min_chars=5))
     assert [s.name for s in chain] == ["normalize", "min_length"] and chain[1].min_chars == 5
+    # one registry entry per `filters` section that can be enabled, each building its own stage
+    sections = [f.name for f in fields(FiltersConfig) if hasattr(getattr(FiltersConfig(), f.name), "enabled")]
+    assert sorted(FILTERS) == sorted(sections)
+    cfg = FiltersConfig()
+    for name in FILTERS:
+        getattr(cfg, name).enabled = True
+    assert [s.name for s in build_quality(cfg)] == list(FILTERS)
 
 
 class Explodes(Stage):

@@ -11,7 +11,7 @@ from helpers import assert_accounting
 from pipeline.data.config import ReadConfig
 from pipeline.data.formats import detect_format, extraction_stages, open_reader
 from pipeline.data.stage import run_stages
-from pipeline.data.warc import WarcReader, decode_html
+from pipeline.data.warc import WarcReader
 from pipeline.errors import DataError
 
 WEB = {  # file (under web/) -> (format, records, kept); counts from SOURCES.md
@@ -79,15 +79,6 @@ def test_wet_keeps_its_language_header(raw_samples):
     assert "Escopete" in doc.text
 
 
-def test_charset_order_http_then_meta_then_detection():
-    assert decode_html("caf\u00e9".encode("cp1252"), "windows-1252") == ("caf\u00e9", "cp1252")
-    page = '<html><head><meta charset="windows-1251"></head><body>Привет мир</body></html>'
-    text, enc = decode_html(page.encode("cp1251"), None)
-    assert "Привет мир" in text and enc in ("cp1251", "windows-1251")
-    text, _ = decode_html(b"plain ascii", "no-such-charset")
-    assert text == "plain ascii"
-
-
 def test_trafilatura_option(raw_samples):
     docs = list(WarcReader(raw_samples / "web" / "CC-MAIN-2024-22-whirlwind.warc.gz"))
     [stage] = extraction_stages("warc", {}, ReadConfig(html_extractor="trafilatura"))
@@ -149,3 +140,33 @@ def test_warcio_fallback_reads_the_same_documents(raw_samples, monkeypatch, name
         slow
     ) == kept
     assert [d.text for d in slow] == [d.text for d in fast]
+
+
+def test_a_new_format_is_one_registry_entry(tmp_path, monkeypatch):
+    """Detection by suffix, config validation and the reader all come from `FORMATS` alone."""
+    from pipeline.data import formats
+    from pipeline.data.config import DataConfig
+    from pipeline.data.document import Counts, Document
+    from pipeline.errors import ConfigError
+
+    class LinesReader:
+        def __init__(self, path):
+            self.path, self.site, self.counts = path, {}, Counts()
+
+        def __iter__(self):
+            for i, line in enumerate(self.path.read_text().splitlines()):
+                self.counts.kept += 1
+                yield Document(id=f"{self.path.stem}/{i}", text=line, source="lines")
+
+    monkeypatch.setitem(
+        formats.FORMATS, "lines", formats.Format("lines", (".lines",), lambda p, r, b: LinesReader(p))
+    )
+    (tmp_path / "a.lines").write_text("one\ntwo\n")
+    assert detect_format(tmp_path / "a.lines") == "lines"
+    DataConfig(inputs=["a.lines"], output_dir=tmp_path, format="lines", steps=["clean"]).validate()
+    assert [d.text for d in open_reader(tmp_path / "a.lines", "lines", ReadConfig())] == ["one", "two"]
+    assert extraction_stages("lines", {}, ReadConfig()) == []
+    with pytest.raises(ConfigError, match=r"format: must be auto or one of wikipedia, .*lines, got 'csv'"):
+        DataConfig(inputs=["a"], output_dir=tmp_path, format="csv").validate()
+    with pytest.raises(DataError, match="format jsonl cannot read a byte range"):
+        open_reader(tmp_path / "a.jsonl", "jsonl", ReadConfig(), (0, 10))

@@ -8,7 +8,7 @@ import socket
 import pytest
 from helpers import assert_accounting
 
-from pipeline.data import quality
+from pipeline.data import features, quality
 from pipeline.data.config import (
     C4Config,
     FiltersConfig,
@@ -19,8 +19,10 @@ from pipeline.data.config import (
     PiiConfig,
 )
 from pipeline.data.document import Document
+from pipeline.data.features import Features
 from pipeline.data.filters import build_quality
-from pipeline.data.quality import C4Quality, FineWebQuality, GopherQuality, GopherRepetition, split_words
+from pipeline.data.quality import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
+from pipeline.data.words import split_words
 
 GOOD = (
     "The river runs through the old town and past the mill. It has been there for centuries, and the people "
@@ -33,8 +35,8 @@ GOOD = (
 )
 
 
-def doc(text: str, source: str = "web") -> Document:
-    return Document("t/1", text, source)
+def doc(text: str, source: str = "web", language: str = "en") -> Document:
+    return Document("t/1", text, source, {"language": language})
 
 
 def verdict(stage, text: str) -> str:
@@ -70,7 +72,7 @@ def test_good_text_passes_every_rule():
     ],
 )
 def test_gopher_quality_reasons(text, reason):
-    assert verdict(GopherQuality(GopherQualityConfig(enabled=True)), text) == reason
+    assert verdict(GopherQuality(GopherQualityConfig().languages), text) == reason
 
 
 @pytest.mark.parametrize(
@@ -86,11 +88,11 @@ def test_gopher_quality_reasons(text, reason):
     ],
 )
 def test_gopher_repetition_reasons(text, reason):
-    assert verdict(GopherRepetition(GopherRepetitionConfig(enabled=True)), text) == reason
+    assert verdict(GopherRepetition(GopherRepetitionConfig().languages), text) == reason
 
 
 def test_repeated_ngram_chars_jumps_over_a_repeat():
-    feats = quality.Features("a b c a b c a b")
+    feats = Features("a b c a b c a b")
     # 2-grams from i=0: ab bc ca, then ab (i=3, repeat: +2 chars, jump to i=5), ca (repeat, +2), end
     assert feats.repeated_ngram_chars(2) == 4
     assert feats.repeated_ngram_chars(5) == 5  # a b c a b again at i=3
@@ -98,8 +100,8 @@ def test_repeated_ngram_chars_jumps_over_a_repeat():
 
 
 def test_c4_uses_the_paper_numbers_and_rewrites_the_text():
-    c4 = C4Quality(C4Config(enabled=True))
-    assert c4.cfg.min_words_per_line == 5 and c4.cfg.min_sentences == 3
+    c4 = C4Quality(C4Config().languages)
+    assert c4.languages["en"].min_words_per_line == 5 and c4.languages["en"].min_sentences == 3
     text = "Short line.\nThis line has enough words to stay.\nNo end mark on this line at all\n" + GOOD
     out = c4.process_one(doc(text))
     assert not isinstance(out, str)
@@ -129,13 +131,14 @@ def test_c4_uses_the_paper_numbers_and_rewrites_the_text():
     ],
 )
 def test_fineweb_reasons(text, reason):
-    assert verdict(FineWebQuality(FineWebConfig(enabled=True)), text) == reason
+    assert verdict(FineWebQuality(FineWebConfig().languages), text) == reason
 
 
 def test_features_are_computed_once_per_text(monkeypatch):
     calls = []
-    real = quality.split_words
-    monkeypatch.setattr(quality, "split_words", lambda t: calls.append(t) or real(t))
+    real = features.split_words
+    for module in (features, quality):
+        monkeypatch.setattr(module, "split_words", lambda t, lang=None: calls.append(t) or real(t, lang))
     docs = [doc(GOOD + "\nA line with a citation.[1] It ends here.")]
     names = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
     for stage in [s for s in build_quality(_all_on()) if s.name in names]:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import bz2
+import json
+import os
+import random
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,7 +83,7 @@ def test_a_foreign_file_fails_its_shard_with_a_data_error_naming_it(ray_local, i
 
     notes = tmp_path / "raw" / "notes.xml"
     notes.write_text("not a dump\n")
-    with pytest.raises(DataError, match=r"1 of 3 shards failed: .*notes\.xml: 1 of 1 records"):
+    with pytest.raises(DataError, match=r"clean: 1 of 3 tasks failed: .*notes\.xml: 1 of 1 records"):
         prepare_data(clean_cfg([inputs[1], str(notes), inputs[2]], tmp_path / "out", 2))
     assert sorted(p.name for p in (tmp_path / "out" / "cleaned").glob("*.jsonl.zst")) == [
         "alpha.jsonl.zst",
@@ -323,3 +329,95 @@ def test_clean_dedup_tokenize_reads_the_deduped_shards(ray_local, mixed_inputs, 
     report = prepare_data(cfg)
     manifest = verify_manifest(tmp_path / "out" / "tokens")
     assert sum(t["documents"] for t in manifest["totals"].values()) == report["dedup"]["totals"]["kept"]
+
+
+def test_a_single_stream_bz2_dump_is_one_task_and_the_log_says_how_to_split_it(inputs, caplog):
+    from pipeline.data.runner import resolve_inputs, work_units
+
+    cfg = clean_cfg(inputs, Path("unused"), 1)
+    with caplog.at_level("INFO", logger="pipeline.data.runner"):
+        units = work_units(resolve_inputs(inputs), cfg)
+    assert [u.byte_range for u in units] == [None, None, None]
+    notes = [r.getMessage() for r in caplog.records if "single bz2 stream" in r.getMessage()]
+    assert len(notes) == 2 and all("pages-articles-multistream.xml.bz2" in n for n in notes)  # the two .bz2
+
+
+def test_ray_settings_reach_ray_init_and_are_checked():
+    from pipeline.data.runner import ray_init_kwargs
+
+    local = ray_init_kwargs(RayConfig(num_cpus=3, object_store_memory=2 << 30, spill_dir=Path("spill")))
+    assert local["num_cpus"] == 3 and local["object_store_memory"] == 2 << 30
+    spill = json.loads(local["_system_config"]["object_spilling_config"])
+    assert spill == {"type": "filesystem", "params": {"directory_path": str(Path("spill").resolve())}}
+    assert ray_init_kwargs(RayConfig(address="auto"))["address"] == "auto"
+    with pytest.raises(ConfigError, match=r"spill_dir: applies to a local Ray instance only.*ray start"):
+        RayConfig(address="auto", spill_dir=Path("s")).validate()
+    with pytest.raises(ConfigError, match="object_store_memory: must be at least 78 MiB"):
+        RayConfig(object_store_memory=1000).validate()
+
+
+@pytest.mark.ray
+def test_shared_objects_reach_every_task_without_a_copy(ray_local, tmp_path):
+    import operator
+
+    import numpy as np
+
+    from pipeline.data.runner import Job
+
+    job = Job(DataConfig(inputs=["x"], output_dir=tmp_path), [], [], tmp_path)
+    job.share("index", np.arange(1000, dtype=np.int64))
+    ref = job.shared("index")
+    assert job.map(np.sum, [(ref,)] * 3, "sum") == [499500] * 3
+    assert job.map(operator.attrgetter("flags.writeable"), [(ref,)], "view") == [False]  # the store's memory
+
+
+def _kill_first(name: str, stop: threading.Event, killed: list) -> None:
+    """SIGKILL the first Ray worker of this process seen running task `name`."""
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set() and not killed:
+        for proc in me.children(recursive=True):
+            try:
+                if proc.cmdline()[:1] == [f"ray::{name}"]:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    break
+            except (psutil.Error, OSError):
+                continue
+        time.sleep(0.005)
+
+
+@pytest.mark.ray
+def test_a_worker_killed_mid_job_is_retried_and_the_output_bytes_are_the_same(ray_local, tmp_path):
+    from data_helpers import jsonl_bytes
+
+    from pipeline.data.runner import prepare_data
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(2000)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    docs = [" ".join(rng.choice(vocab) for _ in range(300)) for _ in range(150)]
+    for s in range(4):  # some documents in several shards: dedup has work too
+        rows = [{"text": docs[(s * 20 + i) % len(docs)]} for i in range(60)]
+        (folder / f"part{s}.jsonl").write_bytes(jsonl_bytes(rows))
+
+    def cfg(out):
+        c = clean_cfg([str(folder / "*.jsonl")], out, 2)
+        c.steps = ["clean", "dedup"]
+        return c
+
+    reference = prepare_data(cfg(tmp_path / "ref"))
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first, args=("clean_file", stop, killed))
+    killer.start()
+    try:
+        again = prepare_data(cfg(tmp_path / "killed"))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no clean task was seen running; the shards are too small to catch one"
+    assert all_bytes(tmp_path / "killed") == all_bytes(tmp_path / "ref")  # no temp file left either
+    assert again["dedup"]["totals"] == reference["dedup"]["totals"]
+    assert reference["dedup"]["totals"]["dropped"]["dup_exact"] > 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dist_helpers import REPO, encode_docs, free_port, make_tokenizer_dir, tiny_corpus, write_token_dir
 
-from pipeline.train.metrics import read_metrics
+from pipeline.runtime.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 

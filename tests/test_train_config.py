@@ -10,8 +10,8 @@ from dist_helpers import write_token_dir
 
 from pipeline.config import load_config, save_config
 from pipeline.errors import ConfigError, DataError
+from pipeline.runtime.engine import precision_supported
 from pipeline.train.config import PretrainConfig, ResolvedPretrainConfig, load_model_config, resolve
-from pipeline.train.engine import precision_supported
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"

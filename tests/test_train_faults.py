@@ -15,10 +15,10 @@ import pytest
 from dist_helpers import REPO, check, make_corpus, run_launcher, run_single
 
 from pipeline.errors import CheckpointError
-from pipeline.train import checkpoint, telemetry
-from pipeline.train.checkpoint import TrainerState
-from pipeline.train.faults import CRASH_EXIT_CODE, NONFINITE_EXIT_CODE, Faults
-from pipeline.train.metrics import read_metrics
+from pipeline.runtime import checkpoint, telemetry
+from pipeline.runtime.checkpoint import TrainerState
+from pipeline.runtime.faults import CRASH_EXIT_CODE, NONFINITE_EXIT_CODE, Faults
+from pipeline.runtime.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 

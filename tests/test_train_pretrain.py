@@ -37,8 +37,8 @@ from dist_helpers import (
     worker_env,
 )
 
-from pipeline.train.faults import REQUEUE_EXIT_CODE
-from pipeline.train.metrics import read_metrics
+from pipeline.runtime.faults import REQUEUE_EXIT_CODE
+from pipeline.runtime.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 STEPS = 8
@@ -204,7 +204,7 @@ def test_checkpoint_layout_and_latest(runs):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_resume_is_bit_identical(runs):
-    from pipeline.train.engine import lazy_state_dict
+    from pipeline.runtime.engine import lazy_state_dict
 
     split, full = read_losses(runs / "split"), read_losses(runs / "full")
     assert sorted(split) == list(range(1, STEPS + 1))
@@ -362,7 +362,7 @@ def test_check_prints_the_plan(corpus, capsys, monkeypatch):
 def test_report_png(runs, tmp_path):
     import matplotlib.image as mpimg
 
-    from pipeline.train.report import render_report
+    from pipeline.runtime.report import render_report
 
     out = render_report(runs / "split", tmp_path / "report.png")
     height, width = mpimg.imread(out).shape[:2]

@@ -6,7 +6,7 @@
 # runner forwards nothing and its launch.py forwards TERM rank by rank with 30 s waits; srun's
 # exit status is the ranks' own, and per-rank logs come from `srun --output ...%t`. No ssh/pdsh.
 
-GM_REQUEUE_EXIT=75   # the trainer's exit status after a signal-triggered checkpoint (pipeline/train/faults.py)
+GM_REQUEUE_EXIT=75   # the trainer's exit status after a signal-triggered checkpoint (pipeline/runtime/faults.py)
 
 gm_log() { echo "gristmill[$(date +%H:%M:%S)]: $*"; }
 

@@ -6,7 +6,16 @@ templates (infoboxes; they are not expanded), tables, comments, `<ref>`, `<galle
 and similar tags, File/Image/Media/Category links (under their local names too) and
 interlanguage links. Kept: link text, external link titles, list and paragraph text, and
 section headings on lines of their own. Bold/italic quotes disappear with the markup.
-A last line-based pass removes table markup that the parser left as text.
+
+The parser runs with `skip_style_tags=True`: with style parsing on, one unbalanced `''` inside a
+template parameter makes it give up on the whole template, whose raw text (an infobox of
+`| key = value` lines) then passes into the document. A last pass over the rendered text removes
+markup the parser still left as text: `{{...}}` spans at any nesting depth (an unclosed one up to
+its line end), template-parameter lines, stray `[[`/`]]`, table lines; and it tidies what removed
+templates leave behind: empty brackets ("()", "（）") and separators with nothing between them
+("(, , tiếng Anh: Sweden)" becomes "(tiếng Anh: Sweden)"). `markup_leak_lines` counts the lines
+that still look like markup; the stage adds them to its counters (`noted["markup_leak_lines"]`)
+for the report.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from dataclasses import replace
 import mwparserfromhell as mwp
 from mwparserfromhell import nodes
 
-from pipeline.data.document import Document
+from pipeline.data.document import Counts, Document
 from pipeline.data.stage import Stage
 
 # Tags whose whole content is not prose (or is markup we cannot render as text).
@@ -61,7 +70,15 @@ _MEDIA_FILE = re.compile(
 _LEFTOVER_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]")
 _MAGIC_WORD = re.compile(r"__[A-Z]+__")
 _TABLE_LINE = re.compile(r"^\s*(\{\||\|\}|\|-|\|\+|!)")
-_LEFTOVER_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_PARAM_LINE = re.compile(r"^\s*\|\s*[^|=\n\[\]{}]{1,60}?\s*=")  # "| key = value": a template parameter
+_HALF_LINK = re.compile(r"\[([^\[\]|\n]*)\|([^\[\]\n]*)\]\]")  # [target|label]] with one bracket lost
+_LEAK_LINE = re.compile(r"\{\{|\}\}|\[\[|\]\]|^\s*\|\s*[^|=\n\[\]{}]{1,60}?\s*=", re.M)
+_SEP = "[,;，；、]"
+_OPEN_SEPS = re.compile(rf"([(（])\s*(?:{_SEP}\s*)+")  # "(, , x" -> "(x"
+_CLOSE_SEPS = re.compile(rf"(?:\s*{_SEP})+\s*([)）])")  # "x, )" -> "x)"
+_SEP_RUN = re.compile(rf"({_SEP})(?:\s*{_SEP})+")  # "a, , b" -> "a, b" (inside brackets only)
+_EMPTY_BRACKETS = re.compile(r"[ \t]*(?:\(\s*\)|（\s*）|\[\s*\]|「\s*」|『\s*』|《\s*》|【\s*】)")
+_PAREN_GROUP = re.compile(r"[(（][^()（）\n]*[)）]")
 _QUOTE_RUN = re.compile(r"'{2,}")  # '' italic, ''' bold: markup left where the parser gave up
 _DROP_ELEMENT = re.compile(r"<(" + "|".join(sorted(DROP_TAGS)) + r")\b[^<>]*?(/>|>.*?</\1\s*>)", re.S | re.I)
 _FORMAT_TAG = re.compile(
@@ -88,10 +105,21 @@ class WikitextExtractor(Stage):
     def process_one(self, doc: Document) -> Document | str:
         return replace(doc, text=wikitext_to_text(doc.text, self.drop_names))
 
+    def process(self, docs: list[Document]) -> tuple[list[Document], Counts]:
+        """Stage.process, plus the lines of the output that still look like markup (`markup_leak_lines`)."""
+        kept, counts = super().process(docs)
+        counts.note("markup_leak_lines", sum(markup_leak_lines(d.text) for d in kept))
+        return kept, counts
+
+
+def markup_leak_lines(text: str) -> int:
+    """Lines of `text` holding `{{`, `}}`, `[[`, `]]` or a `| key =` template parameter."""
+    return sum(1 for line in text.split("\n") if _LEAK_LINE.search(line))
+
 
 def wikitext_to_text(wikitext: str, drop_names: frozenset[str] = MEDIA_NAMESPACES) -> str:
     """Plain text of a wikitext page (not yet whitespace-normalized: see filters.Normalize)."""
-    text = _render(mwp.parse(wikitext, skip_style_tags=False), drop_names)
+    text = _render(mwp.parse(wikitext, skip_style_tags=True), drop_names)
     return _remove_leftovers(text, drop_names)
 
 
@@ -102,8 +130,64 @@ def _remove_leftovers(text: str, drop_names: frozenset[str]) -> str:
     text = _DROP_ELEMENT.sub("", text)
     text = _FORMAT_TAG.sub("", text)
     text = _QUOTE_RUN.sub("", _MAGIC_WORD.sub("", text))
-    text = _LEFTOVER_LINK.sub(r"\1", text)
-    return "\n".join(_drop_table_lines(text.split("\n")))
+    text = _remove_braces(text)
+    text = _HALF_LINK.sub(r"\2", _LEFTOVER_LINK.sub(r"\1", text)).replace("[[", "").replace("]]", "")
+    lines = _drop_table_lines([line for line in text.split("\n") if not _PARAM_LINE.match(line)])
+    return "\n".join(_tidy_brackets(line) for line in lines)
+
+
+def _remove_braces(text: str) -> str:
+    """Remove every `{{ ... }}` span (nested, across lines) and stray `}}`; an unclosed `{{` is
+    removed up to the end of its line, and the text after that line is cleaned the same way."""
+    out = []
+    while True:
+        kept, unclosed_at = _brace_pass(text)
+        out.append(kept)
+        end = text.find("\n", unclosed_at) if unclosed_at >= 0 else -1
+        if end < 0:
+            return "".join(out)
+        text = text[end:]
+
+
+def _brace_pass(text: str) -> tuple[str, int]:
+    """(text without its closed `{{...}}` spans and stray `}}`, position of an unclosed `{{` or -1);
+    with an unclosed `{{`, the text kept ends where it opened."""
+    out, depth, i, start, open_at = [], 0, 0, 0, -1
+    while (j := _next_brace(text, i)) != -1:
+        if text.startswith("{{", j):
+            if depth == 0:
+                out.append(text[start:j])
+                open_at = j
+            depth += 1
+        elif depth:
+            depth -= 1
+            start = j + 2 if depth == 0 else start
+        else:  # a "}}" that closes nothing
+            out.append(text[start:j])
+            start = j + 2
+        i = j + 2
+    if depth:
+        return "".join(out), open_at
+    out.append(text[start:])
+    return "".join(out), -1
+
+
+def _next_brace(text: str, i: int) -> int:
+    """Position of the next `{{` or `}}` at or after `i`, or -1."""
+    a, b = text.find("{{", i), text.find("}}", i)
+    return a if b < 0 or 0 <= a < b else b
+
+
+def _tidy_brackets(line: str) -> str:
+    """Drop separators left at the edges of, or doubled inside, a bracket pair, then empty pairs."""
+    if not any(c in line for c in "(（[「『《【"):
+        return line
+    line = _PAREN_GROUP.sub(
+        lambda m: _SEP_RUN.sub(r"\1", _CLOSE_SEPS.sub(r"\1", _OPEN_SEPS.sub(r"\1", m.group()))), line
+    )
+    while (shorter := _EMPTY_BRACKETS.sub("", line)) != line:  # "(())" empties in two rounds
+        line = shorter
+    return line
 
 
 def _remove_media_links(text: str, drop_names: frozenset[str]) -> str:
@@ -147,7 +231,7 @@ def _drop_table_lines(lines: list[str]) -> list[str]:
         elif stripped.startswith("|}") and depth:
             depth -= 1
         elif depth == 0 and not _TABLE_LINE.match(line):
-            out.append(_LEFTOVER_TEMPLATE.sub("", line))
+            out.append(line)
     return out
 
 
@@ -199,7 +283,3 @@ def _render_tag(tag: nodes.Tag, drop_names: frozenset[str]) -> str:
     if tag.self_closing or tag.contents is None:
         return ""
     return _render(tag.contents, drop_names)
-
-
-EXTRACTORS: dict[str, type[Stage]] = {"wikipedia": WikitextExtractor}
-"""Extraction stage per `DataConfig.format`; built with the reader's `site` info."""

@@ -1,19 +1,24 @@
-"""Cleaning stages: text normalization and document filters, registered by short name.
+"""Cleaning stages (normalization, minimum length) and the registry of quality filters.
 
-`FILTERS` maps the short names a YAML config may use (`{name: min_length, min_chars: 200}`)
-to Stage classes; nothing is looked up by dotted path. `build_quality` turns the `filters`
-config section into the quality chain (pipeline/data/quality.py, langid.py, pii.py). Drop reasons are stable snake_case
-nouns because they end up in `stats.json` and `report.json`.
+`FILTERS` maps each section name of the `filters` config (`filters.gopher_quality`, ...) to the
+function that builds its stage, in the order the chain runs them (FineWeb's); `build_quality`
+builds the enabled ones. Adding a filter takes its module, its config section and one line here;
+nothing is looked up by dotted path. Drop reasons are stable snake_case nouns because they end up
+in `stats.json` and `report.json`.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import replace
 
 from pipeline.data.config import CleanConfig, FiltersConfig
 from pipeline.data.document import Document
+from pipeline.data.langid import LangIdFilter
+from pipeline.data.pii import PiiRedactor
+from pipeline.data.quality import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
 from pipeline.data.stage import Stage
 
 _SPACES = re.compile(r"[ \t\u00a0\f\v]+")  # not \u3000: the ideographic space is part of CJK text
@@ -52,36 +57,34 @@ class MinLength(Stage):
         return "too_short" if len(doc.text) < self.min_chars else doc
 
 
-FILTERS: dict[str, type[Stage]] = {"normalize": Normalize, "min_length": MinLength}
-"""Short name -> stage class, for configs that list stages by name."""
-
-
 def build_filters(clean: CleanConfig) -> list[Stage]:
     """The cleaning chain that follows extraction, in order."""
     return [Normalize(), MinLength(clean.min_chars)]
 
 
+def _rules(cls) -> Callable[[FiltersConfig], Stage]:
+    """Builder of a per-language rule stage from its section (the section's name is the stage's)."""
+
+    def build(cfg: FiltersConfig) -> Stage:
+        section = getattr(cfg, cls.name)
+        shared = {"skip_sources": cfg.skip_sources, "write_scores": cfg.write_scores}
+        return cls(section.languages, default_language=cfg.default_language, **shared)
+
+    return build
+
+
+FILTERS: dict[str, Callable[[FiltersConfig], Stage]] = {
+    "langid": lambda cfg: LangIdFilter(cfg.langid, write_scores=cfg.write_scores),
+    "gopher_repetition": _rules(GopherRepetition),
+    "gopher_quality": _rules(GopherQuality),
+    "c4": _rules(C4Quality),
+    "fineweb": _rules(FineWebQuality),
+    "pii": lambda cfg: PiiRedactor(cfg.pii),  # replaces, never drops
+}
+"""`filters` section name -> builder of its stage, in chain order (FineWeb's: langid, Gopher
+repetition, Gopher quality, C4, FineWeb, then PII redaction)."""
+
+
 def build_quality(cfg: FiltersConfig) -> list[Stage]:
-    """The enabled quality filters in FineWeb's order: langid, Gopher repetition and quality, C4,
-    FineWeb, then PII redaction (which never drops)."""
-    from pipeline.data.quality import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
-
-    shared = {"skip_sources": cfg.skip_sources, "write_scores": cfg.write_scores}
-    stages: list[Stage] = []
-    if cfg.langid.enabled:
-        from pipeline.data.langid import LangIdFilter
-
-        stages.append(LangIdFilter(cfg.langid, write_scores=cfg.write_scores))
-    for section, cls in (
-        (cfg.gopher_repetition, GopherRepetition),
-        (cfg.gopher_quality, GopherQuality),
-        (cfg.c4, C4Quality),
-        (cfg.fineweb, FineWebQuality),
-    ):
-        if section.enabled:
-            stages.append(cls(section, **shared))
-    if cfg.pii.enabled:
-        from pipeline.data.pii import PiiRedactor
-
-        stages.append(PiiRedactor(cfg.pii))
-    return stages
+    """The enabled quality filters of `cfg`, in FILTERS order."""
+    return [build(cfg) for name, build in FILTERS.items() if getattr(cfg, name).enabled]

@@ -8,23 +8,24 @@ at a time with a length cap (a 100 MB line is skipped in 1 MiB pieces and counte
 `record_too_large`), Parquet by row batches.
 
 Per-record damage is a counted error with the file and line (`bad_utf8`, `bad_json`,
-`not_an_object`, `missing_text`); a damaged stream (truncated `.gz`/`.bz2`/`.zst`, not compressed
-at all) keeps the lines before the damage and counts one `truncated_input` / `corrupt_input`.
-zstd gives no error when a file is cut short, so the reader drives the decompressor itself and
-checks that the last frame ended.
+`not_an_object`, `missing_text`). A damaged stream (pipeline/data/streams.py) never ends the file
+early: a corrupt gzip member (bz2 stream, zstd frame) is one `corrupt_input` error, the line the
+damage cut through is dropped with it, and reading resumes at the next member; a truncated file
+keeps every line before the cut and counts one `truncated_input`. Repairs are counted in
+`counts.noted`: a UTF-8 byte-order mark before a line is stripped (`bom`), and a lone surrogate
+in a JSON string (`"\ud800"`, which no UTF-8 writer accepts) becomes U+FFFD (`lone_surrogate`).
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.data.document import Counts, Document
+from pipeline.data.streams import breaks_of, open_stream
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -37,58 +38,22 @@ _META_KEYS = {
 }
 
 
-class _ZstdRaw(io.RawIOBase):
-    """A raw stream over a zstd file that raises EOFError when the last frame is cut short."""
-
-    def __init__(self, fh):
-        import zstandard
-
-        self.fh, self._zstd = fh, zstandard
-        self.dec = zstandard.ZstdDecompressor().decompressobj()
-        self.buf = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self.buf:
-            chunk = self.fh.read(_CHUNK)
-            if not chunk:
-                if not self.dec.eof:
-                    raise EOFError("zstd frame ends early (file truncated)")
-                return 0
-            self.buf = self._feed(chunk)
-        n = min(len(b), len(self.buf))
-        b[:n], self.buf = self.buf[:n], self.buf[n:]
-        return n
-
-    def _feed(self, chunk: bytes) -> bytes:
-        out = b""
-        while chunk:
-            if self.dec.eof:  # the next of several concatenated frames
-                self.dec = self._zstd.ZstdDecompressor().decompressobj()
-            try:
-                out += self.dec.decompress(chunk)
-            except self._zstd.ZstdError as exc:
-                raise OSError(f"not zstd data: {exc}") from None
-            chunk = self.dec.unused_data if self.dec.eof else b""
-        return out
-
-    def close(self) -> None:
-        self.fh.close()
-        super().close()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def open_bytes(path: Path):
-    """A binary stream of the decompressed content, chosen by the last suffix."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".bz2":
-        return bz2.open(path, "rb")
-    if suffix == ".zst":
-        return io.BufferedReader(_ZstdRaw(open(path, "rb")), _CHUNK)  # noqa: SIM115 - closed with it
-    return open(path, "rb")  # noqa: SIM115
+def fix_surrogates(value, counts: Counts):
+    """`value` (a string, or a list/dict holding strings) with lone surrogates as U+FFFD, counted."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value) is None:
+            return value
+        fixed, n = _SURROGATE.subn("\ufffd", value)
+        counts.note("lone_surrogate", n)
+        return fixed
+    if isinstance(value, list):
+        return [fix_surrogates(v, counts) for v in value]
+    if isinstance(value, dict):
+        return {fix_surrogates(k, counts): fix_surrogates(v, counts) for k, v in value.items()}
+    return value
 
 
 class RecordReader:
@@ -117,7 +82,10 @@ class RecordReader:
         rid = rec.get(self.id_field) if self.id_field else None
         rid = rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else n
         source = rec.get("source") if isinstance(rec.get("source"), str) else self.stem
-        return Document(id=f"{self.stem}/{rid}", text=text, source=source, meta=_meta_of(rec))
+        text, rid, source, meta = (
+            fix_surrogates(v, self.counts) for v in (text, str(rid), source, _meta_of(rec))
+        )
+        return Document(id=f"{self.stem}/{rid}", text=text, source=source, meta=meta)
 
     def _keep(self, out: Document | str, where: str) -> Document | None:
         if isinstance(out, Document):
@@ -158,34 +126,64 @@ class JsonlReader(RecordReader):
         if self.path.stat().st_size == 0:
             log.warning("%s: empty file, no documents", self.path)
             return
-        lineno, offset = 0, 0
-        with open_bytes(self.path) as fh:
-            try:
-                for lineno, line, offset in self._lines(fh):
-                    doc = self._keep(self._parse(line, lineno), f"line {lineno} (byte {offset})")
-                    if doc is not None:
-                        yield doc
-            except EOFError as exc:
-                self._error("truncated_input", f"after line {lineno} (byte {offset}): {exc}")
-            except (OSError, ValueError) as exc:  # BadGzipFile, bz2 "Invalid data stream", zstd errors
-                self._error("corrupt_input", f"after line {lineno} (byte {offset}): {exc}")
+        lineno = offset = 0
+        stream = open_stream(self.path)
+        try:
+            for lineno, line, offset in self._lines(stream):
+                doc = self._keep(self._parse(line, lineno), f"line {lineno} (byte {offset})")
+                if doc is not None:
+                    yield doc
+        except EOFError as exc:
+            self._error("truncated_input", f"after line {lineno} (byte {offset}): {exc}")
+        except OSError as exc:  # an unreadable plain file
+            self._error("corrupt_input", f"after line {lineno} (byte {offset}): {exc}")
+        finally:
+            stream.close()
 
-    def _lines(self, fh) -> Iterator[tuple[int, bytes, int]]:
-        """(line number, line, byte offset) of the non-blank lines; an over-long line is b"" + an error."""
-        lineno, offset = 0, 0
-        while line := fh.readline(self.max_bytes + 1):
-            lineno += 1
-            start, offset = offset, offset + len(line)
-            if len(line) > self.max_bytes and not line.endswith(b"\n"):
-                offset += _skip_line(fh)
-                self._error(
-                    "record_too_large", f"line {lineno} (byte {start}), more than {self.max_bytes} bytes"
-                )
-                continue
-            if line.strip():
-                yield lineno, line, start
+    def _lines(self, stream) -> Iterator[tuple[int, bytes, int]]:
+        """(line number, line, decompressed byte offset) of the non-blank lines. An over-long line is
+        skipped as `record_too_large`; the line a damaged span cut is dropped with it (_on_break)."""
+        buf, lineno, offset, skipping, seen = b"", 0, 0, False, 0
+        while chunk := stream.read(_CHUNK):
+            if len(breaks_of(stream)) > seen:  # this chunk starts after a damaged span
+                seen = self._on_break(breaks_of(stream), seen, lineno, offset + len(buf))
+                offset, buf, skipping = offset + len(buf), b"", False
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                lineno += 1
+                start, offset = offset, offset + len(line) + 1
+                if skipping:
+                    skipping = False  # the end of an over-long line
+                elif len(line) > self.max_bytes:
+                    self._error(
+                        "record_too_large", f"line {lineno} (byte {start}), more than {self.max_bytes} bytes"
+                    )
+                elif line.strip():
+                    yield lineno, line, start
+            if len(buf) > self.max_bytes:
+                if not skipping:
+                    where = f"line {lineno + 1} (byte {offset}), more than {self.max_bytes} bytes"
+                    self._error("record_too_large", where)
+                offset, buf, skipping = offset + len(buf), b"", True
+        if len(breaks_of(stream)) > seen:
+            self._on_break(breaks_of(stream), seen, lineno, offset + len(buf))
+        elif buf.strip() and not skipping:
+            yield lineno + 1, buf, offset
+
+    def _on_break(self, breaks: list, seen: int, lineno: int, offset: int) -> int:
+        """Count and log the damaged spans not yet seen; returns how many have been seen."""
+        for where, why in breaks[seen:]:
+            self._error(
+                "corrupt_input",
+                f"compressed byte {where}, after line {lineno} (decompressed byte {offset}): {why}; "
+                "skipped to the next intact member, losing the line it cut",
+            )
+        return len(breaks)
 
     def _parse(self, line: bytes, n: int) -> Document | str:
+        if line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors write one)
+            line = line[3:]
+            self.counts.note("bom")
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -195,16 +193,6 @@ class JsonlReader(RecordReader):
         except ValueError:
             return "error:bad_json"
         return self._to_document(rec, n)
-
-
-def _skip_line(fh) -> int:
-    """Read past the rest of the current line in bounded pieces; returns the bytes skipped."""
-    skipped = 0
-    while piece := fh.readline(_CHUNK):
-        skipped += len(piece)
-        if piece.endswith(b"\n"):
-            break
-    return skipped
 
 
 class ParquetReader(RecordReader):

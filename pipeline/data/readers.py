@@ -1,12 +1,16 @@
 """Readers: stream one input file into Documents, counting every record they skip or cannot read.
 
-`WikipediaReader` streams a MediaWiki XML export (`.xml`, `.xml.bz2` or `.xml.gz`) with
-`ElementTree.iterparse`, so memory stays flat however big the dump: each `<page>` is cleared
-after use and so is the root (which would otherwise keep one emptied child per page). Only
-articles (namespace 0) that are neither redirects nor disambiguation pages become documents; the rest are counted as drops.
-A damaged file (truncated bz2, malformed XML, not XML at all) keeps the pages read before the
-damage, counts one error, logs the file and position, and ends the file; the runner decides
-whether the shard's error fraction is acceptable.
+`WikipediaReader` streams a MediaWiki XML export (`.xml`, `.xml.bz2` or `.xml.gz`) page by
+page: `page_chunks` cuts the decompressed bytes at each `<page>` start tag (page text is escaped,
+so the tag never occurs inside it) and each page is parsed on its own, so memory holds one page
+however big the dump, and damage costs only the page it is in. A page with an invalid UTF-8 byte
+is decoded with U+FFFD in its place (counted in `counts.noted["bad_utf8_replaced"]`, logged); a
+page that does not parse (an unclosed or mismatched tag, no `</page>`) is one `malformed_xml`
+error, logged with the file and byte offset, and reading resynchronizes at the next `<page>`.
+A damaged compressed member is skipped the same way (pipeline/data/streams.py, `corrupt_input`);
+a truncated file keeps every complete page before the cut (`truncated_input`). Only articles
+(namespace 0) that are neither redirects nor disambiguation pages become documents; the rest are
+counted as drops. The runner decides whether a shard's error fraction is acceptable.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from pipeline.data.document import Counts, Document
+from pipeline.data.streams import breaks_of, open_stream
 from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,10 @@ REDIRECT_RE = re.compile(r"\s*#\s*redirect\b", re.IGNORECASE)
 DISAMBIG_RE = re.compile(
     r"\{\{\s*(?:disambiguation|disambig|disamb|dab|[a-z]*dis|[a-z -]*disambiguation)\s*(?:\||\}\})", re.I
 )
+_PAGE_START = re.compile(rb"<page[\s>]")
+_FIRST_TAG = re.compile(rb"<(?![?!])([A-Za-z_][\w.:-]*)")  # the root element, after <?xml?> and <!-- -->
+_READ = 1 << 20
+_MAX_HEAD = 4 << 20  # bytes before the first <page> (siteinfo is a few kB)
 _URL_SAFE = ";:@$!*(),/~'"  # what MediaWiki leaves unescaped in titles
 _STRIP_SUFFIXES = {".bz2", ".gz", ".zst", ".xz", ".xml", ".jsonl", ".json", ".txt"}
 
@@ -41,18 +50,6 @@ def input_stem(path: str | Path) -> str:
     while (suffix := Path(name).suffix.lower()) in _STRIP_SUFFIXES:
         name = name[: -len(suffix)]
     return name or Path(path).name
-
-
-class _ByteCounter:
-    """A read-only wrapper that counts the (decompressed) bytes handed to the XML parser."""
-
-    def __init__(self, fh):
-        self.fh, self.n = fh, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        self.n += len(data)
-        return data
 
 
 def _open_raw(path: Path):
@@ -132,53 +129,83 @@ class WikipediaReader:
         self.site = read_siteinfo(self.path)
         self.wiki = self.site.get("dbname") or input_stem(self.path)
         self.counts = Counts()
-        self._root_seen = False
 
     def __iter__(self) -> Iterator[Document]:
         if self.path.stat().st_size == 0:
             log.warning("%s: empty file, no documents", self.path)
             return
-        raw, stream = self._open()
-        counter = _ByteCounter(stream)
+        stream = self._open()
+        offset = 0
         try:
-            yield from self._pages(ET.iterparse(counter, events=("start", "end")))
-        except ET.ParseError as exc:
-            self._parse_error(exc, counter)
+            for kind, offset, data in page_chunks(stream):
+                if kind == "head":
+                    if not self._check_head(data):
+                        return
+                elif kind == "break":
+                    self._error("corrupt_input", f"{data.decode()}; skipped to the next intact member")
+                elif (doc := self._page_bytes(data, offset, complete=kind == "page")) is not None:
+                    yield doc
         except EOFError as exc:
-            self._stream_error("truncated_input", f"compressed stream ends early ({exc})", raw, counter)
-        except OSError as exc:  # bz2 "Invalid data stream", gzip BadGzipFile
-            self._stream_error("corrupt_input", str(exc), raw, counter)
+            self._stream_error("truncated_input", f"compressed stream ends early ({exc})", stream, offset)
+        except OSError as exc:  # an unreadable file, a bz2 range that is not bz2
+            self._stream_error("corrupt_input", str(exc), stream, offset)
         finally:
             stream.close()
-            raw.close()
 
     def _open(self):
         if self.byte_range is None:
-            return _open_raw(self.path)
+            return open_stream(self.path)
         from pipeline.data.multistream import RangeStream, root_tag
 
         start, end = self.byte_range
         head = root_tag(self.path)
-        raw = open(self.path, "rb")  # noqa: SIM115 - closed by __iter__
-        return raw, RangeStream(raw, start, end, head)
+        return RangeStream(open(self.path, "rb"), start, end, head)  # noqa: SIM115 - closed with it
 
-    def _pages(self, events) -> Iterator[Document]:
-        root, ns = None, ""
-        for event, el in events:
-            if root is None:
-                root, ns = el, el.tag[: el.tag.rfind("}") + 1]
-                self._root_seen = True
-                if _local(el.tag) != "mediawiki":
-                    self._error("not_mediawiki", f"root element is <{_local(el.tag)}>, not <mediawiki>")
-                    return
-                continue
-            if event != "end" or el.tag != ns + "page":
-                continue
-            doc = self._one_page(el, ns)
-            el.clear()
-            root.clear()  # drop the emptied page from the root too: memory stays flat
-            if doc is not None:
-                yield doc
+    def _check_head(self, head: bytes) -> bool:
+        """True when the bytes before the first page open a <mediawiki> export; else counts why not."""
+        m = _FIRST_TAG.search(head)
+        if m is None:
+            if head.strip():
+                self._error("not_xml", f"no XML element in the first {len(head)} bytes")
+            else:
+                log.warning("%s: empty input (no XML at all), no documents", self.path)
+            return False
+        name = _local(m.group(1).decode("utf-8", "replace").rsplit(":", 1)[-1])
+        if name != "mediawiki":
+            self._error("not_mediawiki", f"root element is <{name}>, not <mediawiki>")
+            return False
+        return True
+
+    def _page_bytes(self, data: bytes, offset: int, complete: bool = True) -> Document | None:
+        """Parse one page's bytes (from `<page` to the next page) into a document, or count why not.
+        `complete=False`: the bytes a truncated file ended in; only a finished page among them counts."""
+        end = data.rfind(b"</page>")
+        if end < 0:
+            if complete:
+                self._error(
+                    "malformed_xml", f"page at byte {offset} has no </page>; resumed at the next <page>"
+                )
+            return None
+        data = data[: end + len(b"</page>")]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = data.decode("utf-8", errors="replace")
+            n = text.count("\ufffd") - data.count("\ufffd".encode())
+            self.counts.note("bad_utf8_replaced", n)
+            log.warning(
+                "%s: page at byte %d: %d invalid UTF-8 bytes replaced by U+FFFD (%s)",
+                self.path,
+                offset,
+                n,
+                exc,
+            )
+        try:
+            page = ET.fromstring(text)
+        except ET.ParseError as exc:  # str(exc) says "line L, column C" within the page
+            self._error("malformed_xml", f"page at byte {offset}: {exc}; resumed at the next <page>")
+            return None
+        return self._one_page(page, "")
 
     def _one_page(self, page: ET.Element, ns: str) -> Document | None:
         """Count the page as kept, dropped or errored; return the document when kept."""
@@ -231,23 +258,47 @@ class WikipediaReader:
         self.counts.error(reason)
         log.warning("%s: %s: %s", self.path, reason, detail)
 
-    def _parse_error(self, exc: ET.ParseError, counter: _ByteCounter) -> None:
-        if counter.n == 0:
-            log.warning("%s: empty input (no XML at all), no documents", self.path)
-            return
-        reason = "malformed_xml" if self._root_seen else "not_xml"
-        # str(exc) already says "... line L, column C"
-        self._error(
-            reason, f"{exc} (about {counter.n} bytes read); kept the {self.counts.kept} pages before it"
-        )
-
-    def _stream_error(self, reason: str, detail: str, raw, counter: _ByteCounter) -> None:
+    def _stream_error(self, reason: str, detail: str, stream, offset: int) -> None:
+        where = getattr(stream, "tell_compressed", None)
+        at = f" at compressed byte {where()}" if where else ""
         self._error(
             reason,
-            f"{detail} at compressed byte {raw.tell()} (decompressed byte {counter.n}); "
-            f"kept the {self.counts.kept} pages before it",
+            f"{detail}{at} (page at decompressed byte {offset}); kept the {self.counts.kept} pages before it",
         )
 
 
-READERS = {"wikipedia": WikipediaReader}
-"""Reader class per `DataConfig.format`; each takes a path and has `.site`, `.counts`, iteration."""
+def page_chunks(stream) -> Iterator[tuple[str, int, bytes]]:
+    """Cut a MediaWiki export into ("head", 0, bytes before the first page), then ("page", offset,
+    bytes from one `<page` to the next) per page. A damaged span the stream skipped gives
+    ("break", offset, why) and drops the page it cut; when the stream ends early, the bytes left
+    come as ("tail", offset, bytes) before the EOFError. Offsets are decompressed bytes."""
+    buf, base, scan, seen, head_done = b"", 0, 1, 0, False
+    while True:
+        try:
+            data = stream.read(_READ)
+        except EOFError:
+            if head_done and buf:
+                yield "tail", base, buf
+            raise
+        for where, why in breaks_of(stream)[seen:]:
+            yield "break", base + len(buf), f"compressed byte {where}: {why}".encode()
+            seen, base, buf, scan = seen + 1, base + len(buf), b"", 1  # the page the damage cut is lost
+        if not data:
+            break
+        buf += data
+        if not head_done:
+            m = _PAGE_START.search(buf)
+            if m is None and len(buf) < _MAX_HEAD:
+                continue
+            cut = m.start() if m is not None else len(buf)
+            yield "head", 0, buf[:cut]
+            head_done, base, buf = True, cut, buf[cut:]
+        pos = 0
+        while (m := _PAGE_START.search(buf, max(pos + 1, scan))) is not None:
+            yield "page", base + pos, buf[pos : m.start()]
+            pos = m.start()
+        base, buf, scan = base + pos, buf[pos:], max(1, len(buf) - pos - 8)  # rescan only the new bytes
+    if not head_done:
+        yield "head", 0, buf
+    elif buf:
+        yield "page", base, buf

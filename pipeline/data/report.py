@@ -16,8 +16,6 @@ def funnel(report: dict) -> list[dict]:
     rows = list(report.get("clean", {}).get("stages", []))
     if "dedup" in report:
         rows.append({"name": "dedup", **report["dedup"]["totals"]})
-    if "select" in report:
-        rows.append({"name": "quality_top_fraction", **report["select"]["totals"]})
     return rows
 
 
@@ -52,11 +50,69 @@ def render_markdown(report: dict) -> str:
             f"| {row['name']} | {row['in']:,} | {row['kept']:,} | {_fmt_reasons(row['dropped'])} "
             f"| {_fmt_reasons(row['errors'])} |"
         )
+    lines += _language_section(clean)
+    lines += _noted_section(clean)
     lines += _dedup_section(report.get("dedup"))
-    lines += _decontam_section((clean or {}).get("stage_stats", {}).get("decontam"))
-    lines += _select_section(report.get("select"))
     lines += _shard_section(clean)
+    lines += _web_section(clean)
     return "\n".join(lines) + "\n"
+
+
+def language_rates(clean: dict | None) -> dict[str, dict]:
+    """Per language, over the per-language quality rules: documents entering the first rule, kept
+    after the last, the keep rate, and the rules that had no settings for it (not applied)."""
+    rows = [r for r in (clean or {}).get("stages", []) if r.get("languages")]
+    out: dict[str, dict] = {}
+    for lang in sorted({lang for r in rows for lang in r["languages"]}):
+        tallies = [(r["name"], r["languages"].get(lang)) for r in rows]
+        tallies = [(name, t) for name, t in tallies if t]
+        n_in, kept = tallies[0][1]["in"], tallies[-1][1]["kept"]
+        out[lang] = {
+            "in": n_in,
+            "kept": kept,
+            "rate": round(kept / n_in, 4) if n_in else None,
+            "not_applied": [name for name, t in tallies if t.get("not_applied")],
+        }
+    return out
+
+
+def _language_section(clean: dict | None) -> list[str]:
+    rates = language_rates(clean)
+    if not rates:
+        return []
+    from pipeline.data.words import splitter_name
+
+    out = [
+        "",
+        "## Quality rules per language",
+        "",
+        "Documents the per-language rules saw (after language ID; skipped sources excluded), kept after "
+        "the last rule. A rule with no settings for a language is not applied to it.",
+        "",
+        "| language | words split by | in | kept | keep rate | rules not applied |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for lang, r in sorted(rates.items(), key=lambda kv: -kv[1]["in"]):
+        rate = f"{r['rate']:.1%}" if r["rate"] is not None else "-"
+        missing = ", ".join(r["not_applied"]) or "-"
+        out.append(f"| {lang} | {splitter_name(lang)} | {r['in']:,} | {r['kept']:,} | {rate} | {missing} |")
+    return out
+
+
+def _noted_section(clean: dict | None) -> list[str]:
+    """Repairs and flags (Counts.noted) per stage: replaced surrogates, BOMs, markup-leak lines."""
+    rows = [(r["name"], r.get("noted", {})) for r in (clean or {}).get("stages", [])]
+    leaks = sum(noted.get("markup_leak_lines", 0) for _, noted in rows)
+    out = [
+        "",
+        "## Repairs and flags",
+        "",
+        f"Wiki markup-leak lines (`{{{{`, `}}}}`, `[[`, `]]`, `| key =`): {leaks:,}.",
+    ]
+    for name, noted in rows:
+        if noted:
+            out.append(f"- {name}: {_fmt_reasons(noted)}")
+    return out
 
 
 def _dedup_section(d: dict | None) -> list[str]:
@@ -71,33 +127,6 @@ def _dedup_section(d: dict | None) -> list[str]:
         f"{c['clusters']:,} duplicate clusters holding {c['documents_in_clusters']:,} documents "
         f"(largest {c['largest']}); of every group of equal or near-equal documents the first (by shard "
         f"name, then position) is kept. Cluster sizes: {hist}.",
-    ]
-
-
-def _decontam_section(stats: dict | None) -> list[str]:
-    """Documents matching each evaluation set, per input source (dropped or flagged, as configured)."""
-    if not stats or not stats.get("hits"):
-        return (
-            ["", "## Decontamination", "", "No document shares an n-gram with an evaluation set."]
-            if stats is not None
-            else []
-        )
-    out = ["", "## Decontamination", "", "| evaluation set | input source | documents |", "|---|---|---:|"]
-    for name, per_source in sorted(stats["hits"].items()):
-        out += [f"| {name} | {src} | {n:,} |" for src, n in sorted(per_source.items())]
-    return out
-
-
-def _select_section(sel: dict | None) -> list[str]:
-    if not sel:
-        return []
-    c = sel["cut"]
-    return [
-        "",
-        "## Quality model: top fraction",
-        "",
-        f"Kept the best {sel['top_fraction']:.0%} of {c['scored']:,} scored documents: score >= {c['threshold']} "
-        f"keeps {c['kept']:,} (target {c['target']:,}; ties at the cut are all kept).",
     ]
 
 
@@ -117,6 +146,49 @@ def _shard_section(clean: dict | None) -> list[str]:
             f"| {name} | {s.get('format', '')} | {t['in']:,} | {t['kept']:,} | {_fmt_reasons(t['errors'])} "
             f"| {'yes' if s.get('skipped') else ''} |"
         )
+    return out
+
+
+def web_rows(clean: dict | None) -> list[dict]:
+    """Per WARC input file, where its HTTP responses went: seen, not 200, not HTML, HTML, body errors,
+    no main content, extracted (the reader's `http_*` reasons and the html stage; see warc.py)."""
+    rows = []
+    for name, s in sorted((clean or {}).get("shards", {}).items()):
+        stages = {e["name"]: e for e in s["stages"]}
+        if s.get("format") != "warc" or "read" not in stages:
+            continue
+        read, html = stages["read"], stages.get("html", {"kept": stages["read"]["kept"], "dropped": {}})
+        dropped = read["dropped"]
+        body_errors = sum(n for k, n in read["errors"].items() if k.startswith("http_"))
+        row = {"file": name, "records": read["in"], "status": dropped.get("http_status", 0)}
+        row["content_type"] = dropped.get("http_content_type", 0)
+        row["html"] = read["kept"] + body_errors
+        row["responses"] = row["html"] + row["status"] + row["content_type"]
+        row["body_errors"] = body_errors
+        row["no_main_content"] = sum(html["dropped"].values())
+        row["extracted"] = html["kept"]
+        rows.append(row)
+    return rows
+
+
+def _web_section(clean: dict | None) -> list[str]:
+    rows = web_rows(clean)
+    if not rows:
+        return []
+    out = [
+        "",
+        "## WARC inputs",
+        "",
+        "HTTP responses per file, and where they stopped: status not 200, content type not HTML, body "
+        "that did not decode, no main content; the rest were extracted.",
+        "",
+        "| file | records | HTTP responses | status | content type | HTML | body errors | no main content "
+        "| extracted |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = ("records", "responses", "status", "content_type", "html", "body_errors", "no_main_content")
+    for r in rows:
+        out.append(f"| {r['file']} | " + " | ".join(f"{r[k]:,}" for k in (*keys, "extracted")) + " |")
     return out
 
 

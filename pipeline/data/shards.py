@@ -23,12 +23,10 @@ import zstandard
 
 from pipeline.config import config_hash
 from pipeline.data.config import DataConfig
-from pipeline.data.decontam import Decontaminate, NgramIndex, build_index, index_fingerprint
 from pipeline.data.dedup import MinHasher, write_signatures
 from pipeline.data.document import Counts, Document
 from pipeline.data.filters import build_filters, build_quality
 from pipeline.data.formats import detect_format, extraction_stages, open_reader
-from pipeline.data.quality_model import QualityModelFilter, model_fingerprint
 from pipeline.data.readers import input_stem
 from pipeline.data.stage import Stage, run_stages
 from pipeline.errors import DataError
@@ -36,7 +34,7 @@ from pipeline.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
-CLEAN_VERSION = 2
+CLEAN_VERSION = 3
 """Bump when reader/extractor/filter code changes what a shard holds, so old shards are redone."""
 BATCH_DOCS = 256  # documents per run_stages call: bounds memory, does not change the output
 ZSTD_LEVEL = 3
@@ -46,12 +44,8 @@ def clean_hash(cfg: DataConfig) -> str:
     """Hash of everything that decides a cleaned shard's bytes (not output_dir, ray or tokenize)."""
     parts = {"version": CLEAN_VERSION, "format": cfg.format, "read": cfg.read, "clean": cfg.clean}
     parts["filters"] = cfg.filters
-    if cfg.quality_model.enabled:  # a retrained model or new evaluation files redo the shards
-        parts["quality_model"] = {"cfg": cfg.quality_model, "model": model_fingerprint(cfg.quality_model)}
-    if cfg.decontam.enabled:
-        parts["decontam"] = index_fingerprint(cfg.decontam)
     if "dedup" in cfg.steps:  # the signatures are part of the shard then
-        parts["dedup"] = cfg.dedup
+        parts["dedup"] = cfg.dedup.signature_settings()
     return config_hash(parts)
 
 
@@ -96,22 +90,8 @@ def finished_stats(cleaned_dir: Path, src: str | Path | Unit, cfg_hash: str) -> 
     return stats if stats.get("config_hash") == cfg_hash else None
 
 
-def job_stages(cfg: DataConfig, index: NgramIndex | None) -> list[Stage]:
-    """The stages after the quality rules: learned quality score, then decontamination (with the
-    job's shared n-gram index)."""
-    stages: list[Stage] = []
-    if cfg.quality_model.enabled:
-        stages.append(QualityModelFilter(cfg.quality_model))
-    if cfg.decontam.enabled:
-        stages.append(Decontaminate(cfg.decontam, index if index is not None else build_index(cfg.decontam)))
-    return stages
-
-
-def clean_file(
-    src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str, index: NgramIndex | None = None
-) -> dict:
-    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone.
-    `index` is the decontam n-gram index the runner shares with every task (built here when None)."""
+def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str) -> dict:
+    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone."""
     unit = src if isinstance(src, Unit) else Unit(Path(src))
     done = finished_stats(cleaned_dir, unit, cfg_hash)
     if done is not None:
@@ -124,7 +104,6 @@ def clean_file(
         *extraction_stages(fmt, reader.site, cfg.read),
         *build_filters(cfg.clean),
         *build_quality(cfg.filters),
-        *job_stages(cfg, index),
     ]
     per_stage = {stage.name: Counts() for stage in stages}
     data_path, stats_path = shard_paths(cleaned_dir, unit)
@@ -137,7 +116,6 @@ def clean_file(
     if hasher is not None:
         write_signatures(sig_path(cleaned_dir, unit), sigs, cfg.dedup.bands)
     stats["format"] = fmt
-    stats["stage_stats"] = {st.name: st.stage_stats() for st in stages if st.stage_stats()}
     stats["bytes_out"] = data_path.stat().st_size
     write_json(stats_path, stats)
     return {**stats, "skipped": False}
@@ -169,7 +147,9 @@ def _write_docs(
 def _stats(unit: Unit, read: Counts, per_stage: dict[str, Counts], cfg_hash: str, chars: int) -> dict:
     """Per-stage counters and the file's totals (in = kept + dropped + errors)."""
     stages = {"read": read, **per_stage}
-    totals = Counts.merge([Counts(dropped=c.dropped, errors=c.errors) for c in stages.values()])
+    totals = Counts.merge(
+        [Counts(dropped=c.dropped, errors=c.errors, noted=c.noted) for c in stages.values()]
+    )
     totals.kept = list(stages.values())[-1].kept  # survivors of the last stage
     assert totals.total_in == read.total_in, "accounting broken: documents disappeared between stages"
     return {

@@ -25,11 +25,6 @@ class Stage:
         """Return the (possibly changed) document to keep it, or a reason string to drop it."""
         raise NotImplementedError
 
-    def stage_stats(self) -> dict:
-        """Counters beyond kept/dropped (nested dicts of ints, e.g. decontam hits per set and
-        source); the runner sums them over shards into the report. None by default."""
-        return {}
-
     def process(self, docs: list[Document]) -> tuple[list[Document], Counts]:
         kept: list[Document] = []
         counts = Counts()
@@ -62,16 +57,6 @@ def run_stages(
         docs, counts = stage.process(docs)
         if per_stage is not None:
             per_stage.setdefault(stage.name, Counts()).add(counts)
-        total.add(Counts(dropped=counts.dropped, errors=counts.errors))
+        total.add(Counts(dropped=counts.dropped, errors=counts.errors, noted=counts.noted))
     total.kept = len(docs)
     return docs, total
-
-
-def add_stats(into: dict, other: dict) -> dict:
-    """Sum nested dicts of ints (`stage_stats` of several shards) into `into`; returns it."""
-    for key, value in other.items():
-        if isinstance(value, dict):
-            add_stats(into.setdefault(key, {}), value)
-        else:
-            into[key] = into.get(key, 0) + value
-    return into

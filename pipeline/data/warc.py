@@ -5,34 +5,55 @@ each HTTP 200 HTML `response` record into a document whose text is the decoded H
 `HtmlExtractor` stage then keeps the main content (Resiliparse by default, trafilatura as an
 option). With `wet=True` it reads `conversion` records (Common Crawl WET: text already extracted).
 
-Decoding order (notes/data-libs-facts.md §2): the HTTP charset, then Resiliparse's detection with
-the HTML `<meta>` first. Damage is counted, never fatal:
-- a record whose header cannot be parsed (`bad_warc_record`): the reader resynchronizes at the next
-  gzip member (or `WARC/1.` line) and keeps every record after it;
-- a file cut in the middle of its last record (`truncated_record`): the partial record is not kept.
-Records that are not documents (request, warcinfo, metadata, non-HTML responses) are counted as
-drops by type, so records in = kept + dropped + errors holds for the file.
+Both back ends only frame records: the HTTP message is parsed and its body decoded here, the same
+way on both paths (`http.py`: chunked framing checked against the bytes, gzip / deflate / br /
+zstd, stacked), and the text decoded as a browser would (`charset.py`). Document ids are
+`<file name>#<record position>` (see `warc_frame.py`: the byte or gzip-member offset).
+
+Every record is counted once (records in = kept + dropped + errors), under reasons that say where
+it stopped, so the report can show per file why few documents came out:
+- `warc_<type>` (dropped): not the wanted record type (request, metadata, warcinfo...);
+  `warc_not_http` a response record that holds no HTTP message (`dns:` lookups);
+- `http_*`: HTTP responses. Dropped: `http_status` (not 200), `http_content_type` (not HTML; a
+  missing type is sniffed). Errors: `http_bad_header`, `http_bad_<coding>` (nothing of the body
+  decodes), `http_unknown_encoding`, `http_body_too_large`;
+- damage, errors: `bad_warc_record` (no readable header, or junk between records),
+  `bad_warc_length` (the Content-Length lies: the record is dropped, reading resumes at the next
+  `WARC/1.x` header, which keeps the next intact record), `truncated_record` (the file ends
+  inside it), `record_too_large` (over `max_record_bytes`).
+Documents carry in `meta` their `url` (`WARC-Target-URI` without `<...>`), `charset`, `charset_source`
+and `replacements` (U+FFFD the decoder inserted), and `body_incomplete` when the body was cut short
+(`WARC-Truncated`, or a chunked or compressed stream that ends early).
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
-import mmap
-import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.data.charset import decode, decode_html
 from pipeline.data.document import Counts, Document
+from pipeline.data.http import HttpError, decode_body, parse_response
 from pipeline.data.stage import Stage
+from pipeline.data.warc_frame import Frame, Layout, open_layout
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
-_GZIP_MAGIC = b"\x1f\x8b\x08"
-_WARC_MAGIC = b"WARC/1."
+WARC_TYPES = {
+    "warcinfo",
+    "response",
+    "resource",
+    "request",
+    "metadata",
+    "revisit",
+    "conversion",
+    "continuation",
+}
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body")
 
 
 @dataclass
@@ -41,59 +62,47 @@ class RawRecord:
 
     offset: int
     type: str
-    headers: dict[str, str]  # WARC headers, lower-case names
-    status: int | None = None
-    content_type: str = ""  # HTTP (or WARC, for WET) content type, lower case, without parameters
-    charset: str | None = None
-    body: bytes = b""
+    headers: dict[str, str]
+    """WARC headers, lower-case names."""
+    length: int = 0
+    """The declared Content-Length."""
+    block: bytes | None = None
+    """The record block (a response's whole HTTP message); None when over the size limit (not read)."""
+    suspect: bool = False
+    """The back end saw bytes it did not expect right after this record."""
 
 
-def _split_content_type(value: str | None) -> tuple[str, str | None]:
-    parts = [p.strip() for p in (value or "").split(";")]
-    charset = next(
-        (p.split("=", 1)[1].strip("\"' ") for p in parts[1:] if p.lower().startswith("charset=")), None
-    )
-    return parts[0].lower(), charset or None
+class _Unreadable(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _fastwarc_records(fh, max_bytes: int) -> Iterator[RawRecord]:
     from fastwarc.warc import ArchiveIterator
 
-    for rec in ArchiveIterator(fh, parse_http=True, auto_decode="all"):
-        kind = str(rec.record_type)
+    for rec in ArchiveIterator(fh, parse_http=False):
         headers = {k.lower(): v for k, v in rec.headers}
-        out = RawRecord(rec.stream_pos, kind, headers)
-        if kind in ("response", "conversion", "resource"):
-            if rec.content_length > max_bytes:
-                out.type = "too_large"
-                yield out
-                continue
-            http = rec.http_headers if kind == "response" else None
-            out.status = http.status_code if http is not None else None
-            ctype = http.get("Content-Type") if http is not None else headers.get("content-type")
-            out.content_type, out.charset = _split_content_type(ctype)
-            out.body = rec.reader.read()
-        yield out
+        n = rec.content_length
+        block = rec.reader.read() if n <= max_bytes else None
+        yield RawRecord(rec.stream_pos, _record_type(headers), headers, n, block)
 
 
 def _warcio_records(fh, max_bytes: int) -> Iterator[RawRecord]:
     from warcio.archiveiterator import ArchiveIterator
 
-    it = ArchiveIterator(fh)
+    it = ArchiveIterator(fh, no_record_parse=True)
     for rec in it:
         headers = {k.lower(): v for k, v in rec.rec_headers.headers}
-        out = RawRecord(0, rec.rec_type, headers)
-        if rec.rec_type in ("response", "conversion", "resource"):
-            if int(headers.get("content-length", 0) or 0) > max_bytes:
-                out.type = "too_large"
-            else:
-                http = rec.http_headers if rec.rec_type == "response" else None
-                out.status = int(http.get_statuscode()) if http is not None else None
-                ctype = http.get_header("Content-Type") if http is not None else headers.get("content-type")
-                out.content_type, out.charset = _split_content_type(ctype)
-                out.body = rec.content_stream().read()
-        out.offset = it.get_record_offset()  # only after the payload: asking first skips it
-        yield out
+        n, errors = int(headers.get("content-length") or 0), it.err_count
+        block = rec.raw_stream.read() if n <= max_bytes else None
+        offset = it.get_record_offset()  # only after the block: it reads on to the next record
+        yield RawRecord(offset, _record_type(headers), headers, n, block, it.err_count > errors)
+
+
+def _record_type(headers: dict[str, str]) -> str:
+    kind = headers.get("warc-type", "").strip().lower()
+    return kind if kind in WARC_TYPES else "other"
 
 
 def backend() -> str:
@@ -106,18 +115,30 @@ def backend() -> str:
         return "warcio"
 
 
-def decode_html(body: bytes, charset: str | None) -> tuple[str, str]:
-    """(text, encoding used): the HTTP charset when Python knows it, else detection with <meta> first."""
-    if charset:
-        try:
-            name = codecs.lookup(charset).name
-            return body.decode(name, errors="replace"), name
-        except LookupError:
-            pass  # an unknown label ("utf8mb4", "none"): detect instead
-    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+def target_uri(headers: dict[str, str]) -> str:
+    """`WARC-Target-URI`, without the `<...>` an early WARC draft (and wget) wraps it in."""
+    uri = headers.get("warc-target-uri", "").strip()
+    return uri[1:-1].strip() if uri.startswith("<") and uri.endswith(">") else uri
 
-    enc = detect_encoding(body, from_html_meta=True)
-    return bytes_to_str(body, enc), enc
+
+def html_of_response(block: bytes, max_bytes: int) -> tuple[str, dict] | str:
+    """(HTML text, meta) of an HTTP 200 HTML response, or the drop reason; HttpError when unreadable."""
+    resp = parse_response(block)
+    if resp is None:
+        return "warc_not_http"
+    if resp.status != 200:
+        return "http_status"
+    ctype, charset = resp.content_type()
+    if ctype and ctype not in HTML_TYPES:
+        return "http_content_type"
+    body, complete = decode_body(resp, max_bytes)
+    if not ctype and not body[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(_HTML_STARTS):
+        return "http_content_type"  # no Content-Type and not HTML by its first bytes
+    page = decode_html(body, charset)
+    meta = {"charset": page.codec, "charset_source": page.source, "replacements": page.replacements}
+    if not complete:
+        meta["body_incomplete"] = True
+    return page.text, meta
 
 
 class WarcReader:
@@ -133,98 +154,125 @@ class WarcReader:
         self.counts = Counts()
         self.wet = wet
         self.max_bytes = max_record_bytes
-        self.gzipped = self.path.suffix == ".gz"
         self._records = _fastwarc_records if backend() == "fastwarc" else _warcio_records
+        self.layout: Layout | None = None
 
     def __iter__(self) -> Iterator[Document]:
         if self.path.stat().st_size == 0:
             log.warning("%s: empty file, no documents", self.path)
             return
-        pending: RawRecord | None = None
-        for rec in self._resyncing_records():
-            if pending is not None:
-                yield from self._finish(pending)
-            pending = rec
-        if pending is not None:
-            if self._tail_complete(pending.offset):
-                yield from self._finish(pending)
-            else:
-                self._error("truncated_record", pending.offset, "the file ends inside this record")
+        with open_layout(self.path) as self.layout:
+            for rec in self._framed_records():
+                yield from self._finish(rec)
 
-    def _resyncing_records(self) -> Iterator[RawRecord]:
-        """All records; after a damaged one, start again at the next record boundary."""
-        start, last_good = 0, -1
-        with open(self.path, "rb") as fh:
-            while start is not None:
-                fh.seek(start)
+    def _framed_records(self) -> Iterator[RawRecord]:
+        """Every record whose framing holds; damage is counted and reading resumes at the next header."""
+        pos: int | None = 0
+        while pos is not None:
+            pos = yield from self._records_from(pos)
+
+    def _records_from(self, start: int) -> Generator[RawRecord, None, int | None]:
+        """Records from `start` to the end (returns None) or to damage (returns where to go on)."""
+        pending = None  # held back until the back end reads past it: damage right after it may be its own
+        with self.layout.open(start) as fh:
+            records = self._records(fh, self.max_bytes)
+            while True:
                 try:
-                    for rec in self._records(fh, self.max_bytes):
-                        last_good = rec.offset
-                        yield rec
-                    return
+                    rec = next(records)
+                except StopIteration:
+                    break
                 except Exception as exc:  # noqa: BLE001 - each back end fails its own way on damage
-                    bad = self._next_boundary(last_good + 1)
-                    start = self._next_boundary(bad + 1) if bad is not None else None
-                    cut = start is None and bad is not None and not self._tail_complete(bad)
-                    reason = "truncated_record" if cut else "bad_warc_record"
-                    where = bad if bad is not None else last_good
-                    self._error(reason, where, f"{type(exc).__name__}: {exc}")
-                    last_good = start - 1 if start is not None else last_good
+                    return (yield from self._after_failure(pending, start, exc))
+                if pending is not None:
+                    yield pending
+                    pending = None
+                if self._suspect(rec):
+                    frame = self.layout.check(rec.offset)
+                    if frame.verdict != "ok":
+                        self._error(frame.verdict, rec.offset, frame.detail)
+                        return self.layout.next_start(rec.offset + 1)
+                    if not frame.clean_tail:
+                        yield rec
+                        return self._skip_junk(rec.offset, frame, "the back end skipped them")
+                pending = rec
+        if pending is not None:
+            yield pending
+        return None
 
-    def _next_boundary(self, pos: int) -> int | None:
-        magic = _GZIP_MAGIC if self.gzipped else _WARC_MAGIC
-        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            found = mm.find(magic, max(pos, 0))
-        return None if found < 0 else found
-
-    def _tail_complete(self, offset: int) -> bool:
-        """False when the last gzip member (the one holding the last record) is cut short."""
-        if not self.gzipped:
+    def _suspect(self, rec: RawRecord) -> bool:
+        """Worth checking the framing: a header cut short, a block that is not its declared length or
+        that swallowed the next record's header."""
+        if rec.suspect or rec.block is None or "content-length" not in rec.headers:
             return True
-        dec = zlib.decompressobj(31)
-        with open(self.path, "rb") as fh:
-            fh.seek(offset)
-            while (chunk := fh.read(1 << 20)) and not dec.eof:
-                dec.decompress(chunk, 0)
-        return dec.eof
+        return len(rec.block) != rec.length or b"\r\n\r\nWARC/" in rec.block
+
+    def _after_failure(
+        self, pending: RawRecord | None, start: int, exc: Exception
+    ) -> Generator[RawRecord, None, int | None]:
+        """The back end stopped right after `pending` (or at `start`): count the damage, say where to go on."""
+        cause = f"{type(exc).__name__}: {ascii(str(exc)[:160])}"  # warcio quotes the bytes it choked on
+        at = start if pending is None else pending.offset
+        frame = self.layout.check(at)
+        if frame.verdict != "ok":
+            # no header, or its length lied and the back end read on from the wrong place
+            self._error(frame.verdict, at, f"{frame.detail} ({cause})")
+            return self.layout.next_start(at + 1)
+        if pending is None:
+            # sound by its framing but refused by the back end: read it without the back end
+            headers, length, block = self.layout.read_record(start, self.max_bytes)
+            pending = RawRecord(start, _record_type(headers), headers, length, block)
+        yield pending
+        return self._skip_junk(at, frame, cause)
+
+    def _skip_junk(self, offset: int, frame: Frame, cause: str) -> int | None:
+        """The next record header after the sound record at `offset`; bytes between its end and that
+        header (junk, a garbage header, a damaged gzip member) are counted as one bad_warc_record."""
+        nxt = self.layout.next_start(offset + 1)
+        stop = nxt if nxt is not None else self.layout.size()
+        if not frame.clean_tail or (frame.end is not None and stop is not None and frame.end < stop):
+            where = frame.end if frame.end is not None else offset
+            self._error("bad_warc_record", where, f"bytes that are not a WARC record ({cause})")
+        return nxt
 
     def _finish(self, rec: RawRecord) -> Iterator[Document]:
-        out = self._to_document(rec)
+        try:
+            out = self._to_document(rec)
+        except (HttpError, _Unreadable) as exc:
+            self._error(exc.reason, rec.offset, f"{rec.type} record {target_uri(rec.headers)}: {exc}")
+            return
         if isinstance(out, Document):
             self.counts.kept += 1
             yield out
-        elif out.startswith("error:"):
-            self._error(out[6:], rec.offset, f"{rec.type} record skipped")
         else:
             self.counts.drop(out)
 
     def _to_document(self, rec: RawRecord) -> Document | str:
-        if rec.type == "too_large":
-            return "error:record_too_large"
         wanted = "conversion" if self.wet else "response"
         if rec.type != wanted:
             return f"warc_{rec.type}"
-        url = rec.headers.get("warc-target-uri", "").strip("<> ")
-        meta = {"url": url, "timestamp": rec.headers.get("warc-date", "")}
+        if rec.block is None:
+            raise _Unreadable(
+                "record_too_large", f"{rec.length:,} bytes > max_record_bytes={self.max_bytes:,}"
+            )
+        meta = {"url": target_uri(rec.headers), "timestamp": rec.headers.get("warc-date", "")}
         if self.wet:
-            try:
-                text = rec.body.decode("utf-8")
-            except UnicodeDecodeError:
-                return "error:bad_utf8"
-            lang = rec.headers.get("warc-identified-content-language")
-            if lang:
+            page = decode(rec.block, "utf-8", "warc")
+            text, meta["replacements"] = page.text, page.replacements
+            if lang := rec.headers.get("warc-identified-content-language"):
                 meta["language"] = lang
         else:
-            if rec.status != 200:
-                return "http_status"
-            if rec.content_type not in HTML_TYPES:
-                return "not_html"
-            text, meta["charset"] = decode_html(rec.body, rec.charset)
+            out = html_of_response(rec.block, self.max_bytes)
+            if isinstance(out, str):
+                return out
+            text, more = out
+            meta.update(more)
+            if "warc-truncated" in rec.headers:
+                meta["body_incomplete"] = True
         return Document(id=f"{self.path.name}#{rec.offset}", text=text, source="web", meta=meta)
 
     def _error(self, reason: str, offset: int, detail: str) -> None:
         self.counts.error(reason)
-        log.warning("%s: %s at byte %d: %s", self.path, reason, offset, detail)
+        log.warning("%s: %s at %s: %s", self.path, reason, self.layout.where(offset), detail)
 
 
 class HtmlExtractor(Stage):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipeline.errors import ConfigError, DataError
 from pipeline.finetune.config import ClassifySection
 from pipeline.finetune.records import read_text
-from pipeline.train.engine import IGNORE_INDEX, Engine
+from pipeline.runtime.engine import IGNORE_INDEX, Engine
 
 log = logging.getLogger(__name__)
 _MAX_LOGGED = 20

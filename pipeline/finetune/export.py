@@ -1,7 +1,7 @@
 """Fine-tuned checkpoint to a Hugging Face folder: full weights, merged LoRA, or a classifier.
 
 One process, no collectives (rank 0 after training, or by hand). DeepSpeed's zero_to_fp32 (via
-pipeline/train/engine.py) gathers the checkpoint's fp32 weights (for LoRA runs: the frozen base
+pipeline/runtime/engine.py) gathers the checkpoint's fp32 weights (for LoRA runs: the frozen base
 weights and the adapters), a model built from the init folder's config.json loads them, and
 `save_pretrained` writes `out` atomically with the init folder's tokenizer files, after the
 folder reloads with plain transformers and gives finite logits. LoRA runs also write the
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.finetune.adapters import load_lora_state, merge_checked
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.finetune.lora import load_lora_state, merge_checked
 from pipeline.io import atomic_dir
-from pipeline.train import checkpoint
-from pipeline.train.engine import consolidated_state_dict
+from pipeline.runtime import checkpoint
+from pipeline.runtime.engine import consolidated_state_dict
 from pipeline.train.export import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """Supervised fine-tuning data: instruction records to masked token sequences, packed or padded.
 
-Records come from `records.py` (Alpaca, self-instruct or chat). An Alpaca `Example` becomes
-`BOS + prompt + response + EOS` with `PROMPT_TEMPLATE` (template "alpaca"), or is turned into a
-user/assistant conversation (template "chat"). A `Chat` is rendered with the chat template stored
+Records come from `records.py` (Alpaca, self-instruct, ShareGPT or OpenAI chat). An Alpaca
+`Example` becomes `BOS + prompt + response + EOS` with `PROMPT_TEMPLATE` (template "alpaca"; a
+system prompt goes first, followed by a blank line), or is turned into a (system/)user/assistant
+conversation (template "chat"). A `Chat` is rendered with the chat template stored
 with the tokenizer (`tokenizer_config.json`, see pipeline/tokenizer/hf.py). Labels copy the input
 ids on what the model must answer (the response and its EOS; for chats every assistant turn and
 its EOS) and are -100 (ignored by the loss) everywhere else: BOS, prompts, role headers, user and
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,11 +47,13 @@ PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 Template = Literal["alpaca", "chat"]
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
+def format_prompt(instruction: str, input: str = "", system: str = "") -> str:
     """The prompt the model sees before its answer; shared by training and generation."""
     if input.strip():
-        return PROMPT_TEMPLATE.format(instruction=instruction, input=input)
-    return PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
+        prompt = PROMPT_TEMPLATE.format(instruction=instruction, input=input)
+    else:
+        prompt = PROMPT_TEMPLATE_NO_INPUT.format(instruction=instruction)
+    return f"{system}\n\n{prompt}" if system.strip() else prompt
 
 
 # ---------------------------------------------------------------- tokenizing
@@ -82,7 +85,7 @@ def encode_example(tokenizer, ex: Example, seq_len: int) -> tuple[Encoded | None
     examples lose the end of their response (and EOS); an example whose BOS + prompt leaves no
     room for a single response token is dropped.
     """
-    prompt = tokenizer.encode(format_prompt(ex.instruction, ex.input), add_special_tokens=False)
+    prompt = tokenizer.encode(format_prompt(ex.instruction, ex.input, ex.system), add_special_tokens=False)
     response = tokenizer.encode(ex.output, add_special_tokens=False) + [tokenizer.eos_token_id]
     prompt = [tokenizer.bos_token_id] + prompt
     if len(prompt) >= seq_len:
@@ -101,8 +104,9 @@ def check_chat_template(tokenizer, where: Path) -> None:
         )
 
 
-def render_chat(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
-    """The templated text and the character spans the model must produce (assistant content + EOS).
+def render_chat(tokenizer, chat: Chat, train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The templated text and the character spans the model must produce (assistant content + EOS)
+    of the assistant turns at message index `train_from` or later (DPO trains only the response).
 
     Each assistant span runs from the end of the prefix rendered with the generation prompt (so
     the `<|assistant|>` header is excluded) to the end of that turn, minus the template's trailing
@@ -116,7 +120,7 @@ def render_chat(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
 
     text, spans = render(len(msgs)), []
     for i, (role, _) in enumerate(chat.messages):
-        if role != "assistant":
+        if role != "assistant" or i < train_from:
             continue
         head, turn = render(i, gen=True), render(i + 1)
         if not (turn.startswith(head) and text.startswith(turn)):
@@ -125,10 +129,13 @@ def render_chat(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def encode_chat(tokenizer, chat: Chat, seq_len: int) -> tuple[Encoded | None, str | None]:
-    """Tokenize one conversation; labels only on assistant tokens (by character offsets), same reasons
-    as `encode_example`. A token is trained on when it starts inside an assistant span."""
-    text, spans = render_chat(tokenizer, chat)
+def encode_chat(
+    tokenizer, chat: Chat, seq_len: int, train_from: int = 0
+) -> tuple[Encoded | None, str | None]:
+    """Tokenize one conversation; labels only on assistant tokens (by character offsets) of messages
+    `train_from` on, same reasons as `encode_example`. A token is trained on when it starts inside
+    an assistant span."""
+    text, spans = render_chat(tokenizer, chat, train_from)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [
@@ -143,27 +150,38 @@ def encode_chat(tokenizer, chat: Chat, seq_len: int) -> tuple[Encoded | None, st
 
 
 def encode_record(
-    tokenizer, ex: Record, seq_len: int, template: Template = "alpaca"
+    tokenizer, ex: Record, seq_len: int, template: Template = "alpaca", train_from: int = 0
 ) -> tuple[Encoded | None, str | None]:
-    """Encode an Alpaca example with its template, or a chat (or an Alpaca example under template chat)."""
+    """Encode an Alpaca example with its template, or a chat (or an Alpaca example under template
+    chat); `train_from` (chats only) is the first message index whose assistant turns are trained."""
     if isinstance(ex, Example) and template == "alpaca":
         return encode_example(tokenizer, ex, seq_len)
-    return encode_chat(tokenizer, as_chat(ex), seq_len)
+    return encode_chat(tokenizer, as_chat(ex), seq_len, train_from)
 
 
 def encode_examples(
     tokenizer, examples: list[Record], seq_len: int, template: Template = "alpaca"
 ) -> tuple[list[Encoded], Counter]:
     """Encode every record; counts `truncated` (kept) and `prompt_too_long` (dropped)."""
+    return encode_each(
+        examples, lambda ex: encode_record(tokenizer, ex, seq_len, template), seq_len, "examples"
+    )
+
+
+def encode_each(
+    items: list, encode: Callable[[object], tuple[object | None, str | None]], seq_len: int, what: str
+) -> tuple[list, Counter]:
+    """Apply `encode` (-> encoded or None, reason or None) to every item; keeps the encoded ones and
+    counts the reasons (logged once)."""
     out, counts = [], Counter()
-    for ex in examples:
-        enc, reason = encode_record(tokenizer, ex, seq_len, template)
+    for item in items:
+        enc, reason = encode(item)
         if reason:
             counts[reason] += 1
         if enc is not None:
             out.append(enc)
     if counts:
-        log.info("encoded %d examples at seq_len %d: %s", len(out), seq_len, dict(counts))
+        log.info("encoded %d %s at seq_len %d: %s", len(out), what, seq_len, dict(counts))
     return out, counts
 
 

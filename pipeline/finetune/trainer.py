@@ -27,17 +27,17 @@ from pipeline import dist
 from pipeline.config import save_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.finetune import classify, sft
+from pipeline.finetune.adapters import apply_lora
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
 from pipeline.finetune.early_stop import EarlyStopper
 from pipeline.finetune.export import export_finetuned, model_config
-from pipeline.finetune.lora import apply_lora
 from pipeline.io import sha256_file, write_json
-from pipeline.train import checkpoint
-from pipeline.train.checkpoint import TrainerState
-from pipeline.train.engine import Engine, ds_config, init_distributed
+from pipeline.runtime import checkpoint
+from pipeline.runtime.checkpoint import TrainerState
+from pipeline.runtime.engine import Engine, ds_config, init_distributed
+from pipeline.runtime.metrics import MetricsWriter
+from pipeline.runtime.worker import exit_worker
 from pipeline.train.export import export_hf
-from pipeline.train.metrics import MetricsWriter
-from pipeline.train.trainer import exit_worker
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def build_model(
     """A freshly initialized LlamaForCausalLM.
 
     With `partitioned` it goes through `from_config`, so under a live HfDeepSpeedConfig (ZeRO-3,
-    see train/engine.py) the weights are created already split across ranks. Without, it is a
+    see runtime/engine.py) the weights are created already split across ranks. Without, it is a
     plain full model in this process (export, tests), whatever DeepSpeed state is around.
     """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM

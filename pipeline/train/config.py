@@ -1,6 +1,7 @@
 """PretrainConfig (the YAML of `configs/pretrain/*.yaml`) and `resolve()`, which derives the rest.
 
-Sections `BatchConfig`, `OptimConfig` and `ParallelConfig` are shared with fine-tuning. The model
+Sections `BatchConfig`, `OptimConfig`, `ParallelConfig` and `TrainLoopConfig` are the shared
+runtime's (`pipeline/runtime/config.py`). The model
 is given as `model.file` (a `configs/model/*.yaml`) plus `model.overrides` (field -> value), e.g.
 
     model:
@@ -18,11 +19,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
+from pipeline.runtime.config import (
+    BatchConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainLoopConfig,
+    check_precision,
+)
 
 
 @dataclass
@@ -75,165 +82,6 @@ class ModelRef:
     """A configs/model/*.yaml (ModelConfig); None = ModelConfig's defaults."""
     overrides: dict[str, int | float | bool] = field(default_factory=dict)
     """ModelConfig fields to change on top of `file`, e.g. {hidden_size: 128}."""
-
-
-@dataclass
-class BatchConfig:
-    global_size: int = 8
-    """Sequences per optimizer step, over all data-parallel ranks and micro batches."""
-    micro_size: int = 2
-    """Sequences per forward/backward on one rank."""
-
-    def validate(self) -> None:
-        for key in ("global_size", "micro_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-
-    def grad_accum(self, dp_size: int) -> int:
-        """Micro batches per optimizer step on each rank; ConfigError when it does not divide."""
-        per_pass = self.micro_size * dp_size
-        if self.global_size % per_pass:
-            raise ConfigError(
-                "batch.global_size",
-                f"must be divisible by micro_size x data-parallel size "
-                f"({self.micro_size} x {dp_size} = {per_pass}), got {self.global_size}",
-            )
-        return self.global_size // per_pass
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup."""
-    min_lr: float = 1e-4
-    """Learning rate at the end of the decay."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay; never applied to norms and biases."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
-    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    """Decay from lr to min_lr over the steps after warmup; `wsd` (warmup-stable-decay) holds lr and
-    decays linearly over the last `decay_fraction` of the schedule."""
-    decay_fraction: float = 0.2
-    """For `wsd`: the share of the post-warmup steps spent decaying (the rest stays at lr)."""
-    schedule_steps: int = 0
-    """Steps the schedule spans (min_lr from then on); 0 = the run's max_steps. Fix it to extend a
-    run (raise max_steps and resume) without changing the LR of steps already planned."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 = no clipping."""
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ConfigError("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
-        for key in ("weight_decay", "eps", "warmup_steps", "grad_clip", "schedule_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.decay_fraction <= 1:
-            raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
-
-
-@dataclass
-class ParallelConfig:
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    """DeepSpeed ZeRO stage: 3 partitions parameters, gradients and optimizer state."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Parameter/compute dtype; ZeRO keeps fp32 master weights for bf16/fp16 (fp16 adds dynamic loss scaling)."""
-    tp_size: int = 1
-    """Tensor-parallel degree (DeepSpeed AutoTP, ZeRO 0-2 only); data-parallel size = world size / tp_size."""
-    activation_checkpointing: bool = False
-    """Recompute layer activations in backward: less memory, ~30% more compute."""
-    offload_optimizer: bool = False
-    """Keep optimizer state (and the step) in CPU memory (ZeRO-Offload; ZeRO 1-3)."""
-    offload_params: bool = False
-    """Keep partitioned parameters in CPU memory between uses (ZeRO-3 only)."""
-    fp16_initial_scale_power: int = 16
-    """fp16 only: the dynamic loss scale starts at 2**this."""
-    fp16_loss_scale_window: int = 1000
-    """fp16 only: steps without overflow before the loss scale doubles."""
-    fp16_hysteresis: int = 2
-    """fp16 only: overflows tolerated before the loss scale halves."""
-
-    def validate(self) -> None:
-        if self.tp_size < 1:
-            raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
-        if self.tp_size > 1 and self.zero_stage == 3:
-            raise ConfigError(
-                "tp_size",
-                f"AutoTP (tp_size={self.tp_size}) does not train under ZeRO-3; supported: tp_size > 1 with "
-                "zero_stage 0, 1 or 2, or zero_stage 3 with tp_size 1 (pure data parallel)",
-            )
-        if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(
-                "offload_params",
-                f"parameter offload needs zero_stage 3, got {self.zero_stage}; supported: zero_stage 3 with "
-                "offload_params, or offload_optimizer with zero_stage 1 or 2",
-            )
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3 (ZeRO-Offload), got 0")
-        if self.tp_size > 1 and (self.offload_optimizer or self.offload_params):
-            raise ConfigError(
-                "tp_size",
-                "AutoTP with CPU offload is not supported; use tp_size 1 with offload, or no offload",
-            )
-        if self.fp16_initial_scale_power < 0 or self.fp16_loss_scale_window < 1 or self.fp16_hysteresis < 1:
-            raise ConfigError(
-                "fp16_initial_scale_power", "fp16 loss-scale settings must be >= 0 / >= 1 / >= 1"
-            )
-
-    def dp_size(self, world_size: int) -> int:
-        """Data-parallel size; ConfigError when tp_size does not divide the world size."""
-        if world_size % self.tp_size:
-            raise ConfigError(
-                "parallel.tp_size", f"must divide the world size ({world_size}), got {self.tp_size}"
-            )
-        return world_size // self.tp_size
-
-
-@dataclass
-class TrainLoopConfig:
-    max_steps: int = 100
-    """Optimizer steps of the whole run (a resumed run continues up to this)."""
-    log_every: int = 10
-    """Steps between metrics.jsonl rows (and a log line)."""
-    eval_every: int = 50
-    """Steps between validation passes; 0 = only at the end."""
-    eval_batches: int = 4
-    """Global batches (batch.global_size sequences each) in one validation pass, from the start of
-    the valid split (unshuffled, wrapping around if it is shorter)."""
-    save_every: int = 50
-    """Steps between checkpoints; one is always written at the end. 0 = only at the end."""
-    keep_last: int = 2
-    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
-    max_nonfinite: int = 3
-    """Consecutive steps with a non-finite loss or gradient norm (each skipped and counted) after which
-    the run saves a checkpoint, writes the offending sample indices and stops."""
-    peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device for MFU; 0 = from the built-in table (device and precision),
-    and "n/a" for devices it does not know."""
-    progress: bool = True
-    """A progress bar on rank 0 (when stderr is a terminal, or GRISTMILL_PROGRESS=1)."""
-    wandb_project: str = ""
-    """Also log the metrics rows to this Weights & Biases project ("" = off; needs `pip install wandb`)."""
-    wandb_mode: Literal["offline", "online"] = "offline"
-    """offline writes the W&B run under <run dir>/wandb for a later `wandb sync` (air-gapped clusters)."""
-
-    def validate(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError("max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.peak_tflops < 0:
-            raise ConfigError("peak_tflops", f"must be >= 0 (0 = from the table), got {self.peak_tflops}")
-        for key in ("log_every", "keep_last", "eval_batches", "max_nonfinite"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -337,16 +185,3 @@ def resolve(cfg: PretrainConfig, world_size: int, *, check_device: bool = True) 
     return ResolvedPretrainConfig(
         cfg.run, cfg.data, model, cfg.batch, cfg.optim, cfg.parallel, cfg.train, derived
     )
-
-
-def check_precision(precision: str) -> None:
-    """ConfigError when this machine's DeepSpeed accelerator cannot train in `precision`."""
-    from pipeline.train.engine import precision_supported
-
-    if not precision_supported(precision):
-        raise ConfigError(
-            "parallel.precision",
-            f"{precision} is not supported by this machine's DeepSpeed accelerator "
-            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32, or set GRISTMILL_CPU_FP16=emulate "
-            "to run the fp16 code path with emulated half matmuls (slow; for testing)",
-        )

@@ -25,7 +25,7 @@ from pipeline.config import load_config
 from pipeline.errors import CheckpointError, DataError
 from pipeline.io import atomic_dir
 from pipeline.model.build import llama_config
-from pipeline.train import checkpoint
+from pipeline.runtime import checkpoint
 from pipeline.train.config import ResolvedPretrainConfig
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def export_hf(
 
 def _checkpoint_tensors(run_dir: Path, tag: str, rcfg: ResolvedPretrainConfig) -> dict:
     """name -> lazy tensor (`.contiguous()` gives fp32) for the weights to export (tied copies left out)."""
-    from pipeline.train.engine import lazy_state_dict
+    from pipeline.runtime.engine import lazy_state_dict
 
     root = checkpoint.ckpt_root(run_dir)
     if rcfg.parallel.tp_size > 1 or not any((root / tag).glob("*optim_states.pt")):

@@ -3,8 +3,8 @@ per-device memory estimate for model states; pure arithmetic, no process group."
 
 from __future__ import annotations
 
+from pipeline.runtime.engine import ds_config
 from pipeline.train.config import PretrainConfig, resolve
-from pipeline.train.engine import ds_config
 
 
 def plan(cfg: PretrainConfig, world_size: int) -> str:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,10 +29,9 @@ from pipeline.errors import CheckpointError, DataError
 from pipeline.io import sha256_file, write_json
 from pipeline.log import progress
 from pipeline.model.build import build_model
-from pipeline.train import checkpoint, telemetry
-from pipeline.train.checkpoint import TrainerState
-from pipeline.train.config import PretrainConfig, ResolvedPretrainConfig, resolve
-from pipeline.train.engine import (
+from pipeline.runtime import checkpoint, telemetry
+from pipeline.runtime.checkpoint import TrainerState
+from pipeline.runtime.engine import (
     IGNORE_INDEX,
     Engine,
     device_name,
@@ -42,9 +39,11 @@ from pipeline.train.engine import (
     init_distributed,
     peak_memory_mib,
 )
-from pipeline.train.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Faults, StopRequest
+from pipeline.runtime.faults import NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE, Faults, StopRequest
+from pipeline.runtime.metrics import MetricsWriter
+from pipeline.runtime.worker import exit_worker
+from pipeline.train.config import PretrainConfig, ResolvedPretrainConfig, resolve
 from pipeline.train.loader import BlendedLoader, TokenLoader, open_blend, open_split
-from pipeline.train.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 PARITY_TOKENS = 32  # length of the fixed batch whose logits every checkpoint records for export
@@ -472,19 +471,6 @@ def _status_row(result: RunResult) -> dict:
         "checkpoint": checkpoint.tag_for(result.state.step),
         "nonfinite_skips": result.state.nonfinite_skips,
     }
-
-
-def exit_worker(code: int = 0) -> None:
-    """End a launcher worker without torch 2.13's flaky gloo abort at exit (notes: 0 in ~40 runs)."""
-    try:
-        dist.barrier()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    finally:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 def pretrain_worker(cfg: PretrainConfig) -> None:

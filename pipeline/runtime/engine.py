@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from pipeline import dist
 from pipeline.errors import CheckpointError
-from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
-from pipeline.train.schedule import make_lr_fn
+from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.runtime.schedule import make_lr_fn
 
 IGNORE_INDEX = -100
 NO_DECAY_HINTS = ("norm", "bias")  # RMSNorm weights and biases get no weight decay

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.train.metrics import MetricsWriter, read_metrics
+from pipeline.runtime.metrics import MetricsWriter, read_metrics
 
 
 def test_rows_are_jsonl_with_non_finite_as_null(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 from pipeline.io import atomic_write
-from pipeline.train.metrics import read_metrics
+from pipeline.runtime.metrics import read_metrics
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

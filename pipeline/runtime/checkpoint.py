@@ -189,7 +189,7 @@ def check_compatible(
 
 def prepare_universal(run_dir: Path, tag: str) -> str:
     """The tag of checkpoints/<tag> in universal form, converting it once (rank 0; others wait)."""
-    from pipeline.train.engine import to_universal
+    from pipeline.runtime.engine import to_universal
 
     root = ckpt_root(run_dir)
     utag = UNIVERSAL_PREFIX + tag

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline.train.schedule import lr_at, make_lr_fn
+from pipeline.runtime.schedule import lr_at, make_lr_fn
 
 BASE = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "total_steps": 110}
 

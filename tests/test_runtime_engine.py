@@ -7,8 +7,8 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.model.build import build_model
 from pipeline.model.config import ModelConfig
-from pipeline.train.config import BatchConfig, OptimConfig, ParallelConfig
-from pipeline.train.engine import ds_config, param_groups, precision_supported
+from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.runtime.engine import ds_config, param_groups, precision_supported
 
 
 def make(world_size=2, load_universal=False, **parallel):
