@@ -11,6 +11,7 @@ check), classifier training counts and logs the skip.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,13 +45,18 @@ def iter_records(path: str | Path) -> Iterator[dict | str]:
 
 def _json_records(path: Path) -> Iterator[dict | str]:
     """JSON lines, streamed; or one JSON array when the first non-blank line starts with `[`."""
-    from pipeline.data.jsonl import open_bytes  # the reader's decompression, truncation checks included
+    from pipeline.data.streams import breaks_of, open_stream  # the readers' decompression
 
     lineno = 0
     try:
-        with open_bytes(path) as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                line = raw.decode("utf-8", errors="replace")
+        with open_stream(path) as raw, io.BufferedReader(raw) as fh:
+            for lineno, line_bytes in enumerate(fh, start=1):
+                line = line_bytes.decode("utf-8", errors="replace")
+                if breaks_of(raw):  # a damaged member was skipped: refuse the file (it is small)
+                    offset, why = breaks_of(raw)[0]
+                    raise DataError(
+                        f"{path}: damaged at compressed byte {offset} ({why}), near line {lineno}"
+                    )
                 if not line.strip():
                     continue
                 if line.lstrip().startswith("["):
