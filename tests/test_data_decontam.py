@@ -24,6 +24,7 @@ def test_units_split_unspaced_scripts_per_character_and_keep_marks_inside_words(
     assert word_units("こんにちは世界") == list("こんにちは世界")
     assert word_units("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs stay in the word
     assert word_units("한국어 문장") == ["한국어", "문장"]  # Korean is written with spaces
+    assert word_units("ที่นี่") == ["ที่", "นี่"]  # Thai vowel and tone marks stay on their letter
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +96,7 @@ def test_planted_contamination_is_found_at_every_position_and_clean_text_gives_n
     assert_accounting(clean + planted, kept, counts)
     assert counts.dropped == {"contaminated": len(planted)}  # recall 1.0 and no false hit on clean text
     assert {d.id for d in kept} == {d.id for d in clean}
-    hits = stage.stage_stats()["hits"]
-    assert {name: sum(v.values()) for name, v in hits.items()} == {
-        n: expected.count(n) for n in set(expected)
-    }
+    assert counts.noted == {f"matched:{n}": expected.count(n) for n in set(expected)}
 
 
 def test_short_items_match_by_their_min_ngrams_and_flag_mode_keeps_the_document(tmp_path):
@@ -135,11 +133,91 @@ def test_a_damaged_set_or_a_wrong_field_name_fails_naming_the_file(tmp_path):
         DecontamConfig(enabled=True).validate()
 
 
+EN = [
+    "the",
+    "river",
+    "town",
+    "bridge",
+    "old",
+    "history",
+    "people",
+    "market",
+    "church",
+    "long",
+    "summer",
+    "winter",
+    "night",
+    "water",
+    "stone",
+    "road",
+]
+DE = [
+    "der",
+    "die",
+    "und",
+    "das",
+    "Fluss",
+    "Stadt",
+    "Brücke",
+    "alte",
+    "Geschichte",
+    "Menschen",
+    "Markt",
+    "Kirche",
+    "lange",
+    "Sommer",
+    "Winter",
+    "Nacht",
+]
+
+
+def _job_inputs(tmp_path, item: str) -> list[str]:
+    """Two JSONL inputs of distinct English and German documents (seeded word salad, so dedup keeps
+    them all); `item` planted in 1 document of a, 2 of b."""
+    rng = random.Random(0)
+    for name, n, planted in (("a", 30, {3}), ("b", 20, {0, 7})):
+        rows = []
+        for i in range(n):
+            words = rng.choices(EN if i % 3 else DE, k=30)
+            rows.append({"text": " ".join(words) + "." + (f" {item}." if i in planted else "")})
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+
+
+def test_a_clean_task_uses_the_index_it_is_given_and_notes_matches(tmp_path):
+    """clean_file takes the job's shared objects: it never builds its own index when given one."""
+    from pipeline.data.config import CleanConfig, DataConfig, FiltersConfig
+    from pipeline.data.shards import clean_file
+
+    given, configured = "the quick brown fox jumps over the lazy dog near the river bank today", "zzz " * 20
+    for name, text in (("given", given), ("configured", configured)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    rows = [
+        {"text": f"Story {i}: " + (given if i == 1 else "nothing to see here at all, move on")}
+        for i in range(3)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decontam = DecontamConfig(enabled=True, eval_sets=[EvalSetConfig("e", tmp_path / "configured.jsonl")])
+    cfg = DataConfig(
+        inputs=["x"],
+        output_dir=tmp_path,
+        clean=CleanConfig(min_chars=1),
+        filters=FiltersConfig(decontam=decontam),
+    )
+    index = build_index(
+        DecontamConfig(enabled=True, eval_sets=[EvalSetConfig("e", tmp_path / "given.jsonl")])
+    )
+    stats = clean_file(tmp_path / "in.jsonl", tmp_path / "cleaned", cfg, "h", {"decontam": index})
+    row = next(e for e in stats["stages"] if e["name"] == "decontam")
+    assert row["dropped"] == {"contaminated": 1} and row["noted"] == {"matched:e": 1}
+
+
 @pytest.mark.ray
-def test_job_shares_the_index_reports_hits_per_set_and_source_and_cuts_quality_job_wide(ray_local, tmp_path):
-    """The Ray job: decontam hits per evaluation set and input source in the report, and the
-    quality model's top_fraction applied as one cut over every shard (lid.176 as the model: P(en))."""
-    from pipeline.data.config import CleanConfig, DataConfig, RayConfig
+def test_job_shares_the_index_reports_matches_and_cuts_quality_job_wide(ray_local, tmp_path):
+    """The Ray job: decontam matches per evaluation set and input file in the report, and the quality
+    model's top_fraction cut in the select step, the same bytes with 1 or 2 workers (lid.176 as the
+    model: the score is P(en))."""
+    from pipeline.data.config import CleanConfig, DataConfig, FiltersConfig, RayConfig
     from pipeline.data.langid import bundled_model_path
     from pipeline.data.quality_model import QualityModelConfig
     from pipeline.data.runner import prepare_data
@@ -147,20 +225,7 @@ def test_job_shares_the_index_reports_hits_per_set_and_source_and_cuts_quality_j
 
     item = "The mitochondria is the powerhouse of the cell and makes most of the energy a cell needs"
     (tmp_path / "eval.jsonl").write_text(json.dumps({"question": item}) + "\n")
-    en = "Document {} talks about rivers, bridges and the long history of the old town near the sea."
-    de = "Das Dokument {} erzählt von Flüssen, Brücken und der langen Geschichte der alten Stadt am Meer."
-    for name, n, planted in (("a", 30, {3}), ("b", 20, {0, 7})):
-        rows = [
-            {"text": (en if i % 3 else de).format(i) + (f" {item}." if i in planted else "")}
-            for i in range(n)
-        ]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = DataConfig(
-        inputs=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
-        output_dir=tmp_path / "out",
-        steps=["clean"],
-        ray=RayConfig(num_cpus=2),
-        clean=CleanConfig(min_chars=20),
+    filters = FiltersConfig(
         quality_model=QualityModelConfig(
             enabled=True,
             model=bundled_model_path(),
@@ -172,16 +237,25 @@ def test_job_shares_the_index_reports_hits_per_set_and_source_and_cuts_quality_j
             enabled=True, eval_sets=[EvalSetConfig("bio", tmp_path / "eval.jsonl", ["question"])]
         ),
     )
-    report = prepare_data(cfg)
-    assert report["clean"]["stage_stats"]["decontam"]["hits"] == {"bio": {"a": 1, "b": 2}}
+    outs = {}
+    for workers in (2, 1):
+        out = tmp_path / f"out{workers}"
+        cfg = DataConfig(
+            inputs=_job_inputs(tmp_path, item), output_dir=out, steps=["clean", "dedup", "select"],
+            ray=RayConfig(num_cpus=workers), clean=CleanConfig(min_chars=20), filters=filters,
+        )  # fmt: skip
+        cfg.validate()
+        report = prepare_data(cfg)
+        outs[workers] = [(out / "selected" / f"{n}.jsonl.zst").read_bytes() for n in "ab"]
+    assert outs[1] == outs[2]
+    bio = report["clean"]["decontam"]["bio"]
+    assert bio["matched"] == {"a.jsonl": 1, "b.jsonl": 2} and bio["records"] == 1
     assert report["clean"]["totals"]["dropped"] == {"contaminated": 3}
-    kept = [
-        r for name in ("a", "b") for r in read_jsonl_zst(tmp_path / "out" / "selected" / f"{name}.jsonl.zst")
-    ]
-    cut = report["select"]["cut"]
-    assert (
-        len(kept) == cut["kept"] == report["select"]["totals"]["kept"] >= cut["target"] == 24
-    )  # ceil(0.5 x 47)
-    assert all(r["meta"]["scores"]["quality"] >= cut["threshold"] for r in kept)
-    assert all(r["text"].startswith("Document") for r in kept)  # the English half: P(en) is the score
-    assert "| bio | b | 2 |" in (tmp_path / "out" / "report.md").read_text()
+    cut, sel = report["select"]["cut"], report["select"]["totals"]
+    assert sel["in"] == report["dedup"]["totals"]["kept"] == cut["scored"] == 47  # no duplicates here
+    assert sel["kept"] == cut["kept"] >= cut["target"] == 24  # ceil(0.5 x 47)
+    kept = [r for n in "ab" for r in read_jsonl_zst(tmp_path / "out1" / "selected" / f"{n}.jsonl.zst")]
+    assert len(kept) == sel["kept"] and all(r["meta"]["scores"]["quality"] >= cut["threshold"] for r in kept)
+    assert all(r["text"].split()[0] in EN for r in kept)  # the English ones: P(en) is the score
+    md = (tmp_path / "out1" / "report.md").read_text()
+    assert "| bio | b.jsonl | 2 |" in md and "## Learned quality score" in md

@@ -12,14 +12,18 @@ from helpers import assert_accounting
 
 from pipeline.data.document import Document
 from pipeline.data.quality_model import (
+    SCALE,
+    UNSCORED,
     QualityModelConfig,
     QualityModelFilter,
     QualityScorer,
-    top_fraction_threshold,
+    apply_select,
+    find_threshold,
+    write_scores,
 )
 from pipeline.data.quality_train import QualityTrainConfig, TextSource, binary_metrics, train_quality_model
-from pipeline.errors import ConfigError
-from pipeline.io import sha256_file
+from pipeline.errors import ConfigError, DataError
+from pipeline.io import read_jsonl_zst, sha256_file, write_jsonl_zst
 
 
 def train_cfg(raw: Path, out: Path, **kw) -> QualityTrainConfig:
@@ -83,12 +87,11 @@ def test_filter_writes_scores_and_keeps_by_threshold_and_skips_sources(model_dir
         ),
         Document("d", "Login | Register | Cart (0) | Home » Shop » Sale!!! " * 3, "wikipedia"),
     ]
-    cfg = QualityModelConfig(
-        enabled=True, model=model_dir, keep="threshold", threshold=0.5, skip_sources=["wikipedia"]
-    )
-    kept, counts = QualityModelFilter(cfg).process(docs)
+    cfg = QualityModelConfig(enabled=True, model=model_dir, keep="threshold", threshold=0.5)
+    kept, counts = QualityModelFilter(cfg, skip_sources=["wikipedia"]).process(docs)
     assert_accounting(docs, kept, counts)
     assert [d.id for d in kept] == ["a", "b", "d"] and counts.dropped == {"low_quality": 1}
+    assert counts.noted == {"unscored": 1}
     assert kept[0].meta["scores"]["quality"] > 0.5 and "scores" not in kept[2].meta
 
 
@@ -108,23 +111,55 @@ def test_a_bare_fasttext_file_is_read_with_fasttext_and_labels_are_checked():
         QualityModelConfig(enabled=True).validate()
 
 
-def test_top_fraction_cut_is_exact_keeps_ties_and_ignores_sharding():
+def _loop(fn, calls, desc):
+    """Job.map without Ray: the same calls, in order."""
+    return [fn(*call) for call in calls]
+
+
+def _score_files(folder: Path, shards: list[list[int]]) -> list[Path]:
+    paths = []
+    for i, units in enumerate(shards):
+        paths.append(folder / f"s{i}.quality.npy")
+        write_scores(paths[-1], units)
+    return paths
+
+
+def test_top_fraction_cut_is_exact_keeps_ties_and_ignores_sharding(tmp_path):
     rng = random.Random(0)
-    scores = [rng.randrange(0, 1_000_001) for _ in range(5000)] + [700_000] * 50
-    shards_a = [_counts(scores[i::3]) for i in range(3)]
-    shards_b = [_counts(scores[:10]), _counts(scores[10:])]
-    cut, info = top_fraction_threshold(shards_a, 0.3)
-    assert (cut, info) == top_fraction_threshold(reversed(shards_b), 0.3)
-    kept = sum(s >= cut * 1_000_000 for s in scores)
-    assert info["kept"] == kept >= info["target"] == 1515 and kept - 1515 < 50  # ties at the cut all kept
-    assert top_fraction_threshold([_counts([5] * 10)], 0.1)[1]["kept"] == 10  # one score: all tie
+    scores = [rng.randrange(0, SCALE + 1) for _ in range(5000)] + [700_000] * 50 + [SCALE] * 7
+    both = scores + [UNSCORED] * 30  # skipped sources: never counted, never cut
+    a = find_threshold(_loop, _score_files(tmp_path / "a", [both[i::3] for i in range(3)]), 0.3)
+    b = find_threshold(_loop, _score_files(tmp_path / "b", [both[:10], both[10:]]), 0.3)
+    assert a == b
+    target = -(-3 * len(scores) // 10)  # ceil(0.3 x N)
+    assert a["threshold"] == sorted(scores, reverse=True)[target - 1]  # the target-th best score
+    kept = sum(s >= a["threshold"] for s in scores)
+    assert a["scored"] == len(scores) and a["kept"] == kept >= a["target"] == target
+    assert sum(a["tenths"]) == len(scores)
+    ties = find_threshold(_loop, _score_files(tmp_path / "c", [[700_000] * 10]), 0.1)
+    assert ties["kept"] == 10 and ties["threshold"] == 700_000  # one score: all tie, all kept
+    assert find_threshold(_loop, _score_files(tmp_path / "d", [[SCALE, 0]]), 0.5)["threshold"] == SCALE
 
 
-def _counts(scores: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for s in scores:
-        out[s] = out.get(s, 0) + 1
-    return out
+def test_apply_select_keeps_unscored_and_refuses_a_score_file_that_does_not_fit(tmp_path):
+    rows = [{"id": str(i), "text": f"doc {i}", "source": "web", "meta": {}} for i in range(4)]
+    write_jsonl_zst(tmp_path / "s.jsonl.zst", rows)
+    write_scores(tmp_path / "s.quality.npy", [900_000, 100_000, UNSCORED, 500_000])
+    args = (
+        tmp_path / "s.jsonl.zst",
+        tmp_path / "s.quality.npy",
+        tmp_path / "out.jsonl.zst",
+        tmp_path / "st.json",
+    )
+    stats = apply_select(*args, 500_000, "h")
+    assert [r["id"] for r in read_jsonl_zst(tmp_path / "out.jsonl.zst")] == ["0", "2", "3"]
+    assert stats["counts"] == {
+        "in": 4, "kept": 3, "dropped": {"below_top_fraction": 1}, "errors": {}, "noted": {"unscored": 1}
+    }  # fmt: skip
+    assert apply_select(*args, 500_000, "h")["skipped"]  # done with this hash: not redone
+    write_scores(tmp_path / "s.quality.npy", [1, 2, 3])
+    with pytest.raises(DataError, match="4 documents but .* holds 3 scores"):
+        apply_select(*args, 500_000, "other")
 
 
 def test_binary_metrics_by_hand():
@@ -137,14 +172,20 @@ def test_binary_metrics_by_hand():
     assert m["roc_auc"] == pytest.approx(5 / 6, abs=1e-4)  # 5 of 6 (positive, negative) pairs ordered
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load(raw_samples, monkeypatch):
     from pipeline.config import load_config
     from pipeline.data.config import DataConfig
 
     repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the evaluation set's path is relative to the repo
     cfg = load_config(QualityTrainConfig, repo / "configs" / "quality" / "sample.yaml")
     assert cfg.positives[2].fields == ["instances.output"] and cfg.threads == 1
-    data = load_config(
-        DataConfig, repo / "configs" / "data" / "all_samples.yaml", ["quality_model.enabled=true"]
-    )
-    assert data.quality_model.keep == "top_fraction" and data.decontam.eval_sets[0].name == "self_instruct"
+    path = repo / "configs" / "data" / "all_samples.yaml"
+    on = ["filters.quality_model.enabled=true", "filters.decontam.enabled=true"]
+    data = load_config(DataConfig, path, [*on, "steps=[clean, dedup, select]"])
+    assert data.filters.quality_model.keep == "top_fraction"
+    assert data.filters.decontam.eval_sets[0].name == "self_instruct"
+    with pytest.raises(ConfigError, match="filters.quality_model.keep: top_fraction .* add it to steps"):
+        load_config(DataConfig, path, on)  # the cut needs its step
+    with pytest.raises(ConfigError, match="steps: 'select' applies"):
+        load_config(DataConfig, path, ["steps=[clean, select]"])

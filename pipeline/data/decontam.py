@@ -10,16 +10,19 @@ came from. A text shorter than `ngram` units but at least `min_ngram` long is in
 window lengths, not one per text length); shorter ones are counted as `too_short` and skipped. Windows made
 only of numbers are not indexed (numbered lists would match any counting run).
 
-The index is built once, on the driver, and handed to every worker through Ray's object store
-(numpy arrays travel without copies); `Decontaminate` is the per-document stage that uses it.
-A document matches a set when it shares at least `min_matches` distinct n-grams with it; it is
-then dropped as `contaminated` or kept with `meta["contamination"] = {set: n-grams}`. The stage
-counts matched documents per evaluation set and per input source for the report.
+The index is built once per job, on the driver (`filters.SHARED`), and the clean step hands it
+to every task through `Job.share` (numpy arrays travel without copies); `Decontaminate`, the
+`filters.decontam` entry of `filters.FILTERS` (after the learned quality score, before dedup),
+is the per-document stage that uses it. A document matches a set when it shares at least
+`min_matches` distinct n-grams with it; it is then dropped as `contaminated` or kept with
+`meta["contamination"] = {set: n-grams}`. The stage notes matched documents per evaluation set
+(`noted["matched:<set>"]`), so the report has them per set and per input file.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,7 +30,7 @@ from typing import Literal
 import numpy as np
 import xxhash
 
-from pipeline.data.document import Document
+from pipeline.data.document import Counts, Document
 from pipeline.data.records import field_texts, iter_records
 from pipeline.data.stage import Stage
 from pipeline.data.units import word_units
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _PRIME = np.uint64(0x100000001B3)  # odd multiplier of the polynomial window hash (wraps mod 2^64)
 _LENGTH_SALT = np.uint64(0x9E3779B97F4A7C15)  # keeps windows of different lengths apart
+MATCHED = "matched:"
+"""Prefix of the stage's `noted` counters: `matched:<set>` = documents that matched that set."""
 
 
 @dataclass
@@ -53,7 +58,8 @@ class EvalSetConfig:
 
 @dataclass
 class DecontamConfig:
-    """Remove benchmark text from training data (runs after the quality filters, before dedup)."""
+    """Remove benchmark text from training data (after the learned quality score, before dedup; every
+    source, `filters.skip_sources` included)."""
 
     enabled: bool = False
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
@@ -82,6 +88,8 @@ class DecontamConfig:
         for i, s in enumerate(self.eval_sets):
             if not s.fields:
                 raise ConfigError(f"eval_sets[{i}].fields", "must name at least one field")
+            if self.enabled and not Path(s.path).is_file():
+                raise ConfigError(f"eval_sets[{i}].path", f"file not found: {s.path}")
 
 
 def unit_hashes(text: str) -> np.ndarray:
@@ -187,7 +195,8 @@ def _index_set(spec: EvalSetConfig, cfg: DecontamConfig) -> tuple[np.ndarray, di
         raise DataError(f"decontam set {spec.name!r}: {len(bad)} unreadable records, first: {bad[0]}")
     if st["records"] and not st["texts"]:
         raise ConfigError(
-            f"decontam.eval_sets.{spec.name}.fields", f"no record of {spec.path} has any of {spec.fields}"
+            f"filters.decontam.eval_sets.{spec.name}.fields",
+            f"no record of {spec.path} has any of {spec.fields}",
         )
     keys = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
     st.update(ngrams=int(len(keys)), sha256=sha256_file(spec.path), path=str(spec.path))
@@ -206,21 +215,23 @@ class Decontaminate(Stage):
 
     def __init__(self, cfg: DecontamConfig, index: NgramIndex):
         self.cfg, self.index = cfg, index
-        self.hits: dict[str, dict[str, int]] = {}
-        """set name -> input source -> documents matched."""
+        self._matched: Counter = Counter()
 
     def process_one(self, doc: Document) -> Document | str:
         found = {s: n for s, n in self.index.matches(doc.text).items() if n >= self.cfg.min_matches}
         if not found:
             return doc
-        for name in found:
-            per_source = self.hits.setdefault(name, {})
-            per_source[doc.source] = per_source.get(doc.source, 0) + 1
+        self._matched.update(found.keys())
         if self.cfg.action == "drop":
             return "contaminated"
         doc.meta["contamination"] = found
         return doc
 
-    def stage_stats(self) -> dict:
-        """Documents matched per evaluation set and input source (summed over shards by the runner)."""
-        return {"hits": self.hits}
+    def process(self, docs: list[Document]) -> tuple[list[Document], Counts]:
+        """Stage.process, plus `noted["matched:<set>"]`: documents that matched each evaluation set
+        (a document can match several), which the report sums per set and input file."""
+        self._matched.clear()
+        kept, counts = super().process(docs)
+        for name in sorted(self._matched):
+            counts.note(MATCHED + name, self._matched[name])
+        return kept, counts
