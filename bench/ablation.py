@@ -2,19 +2,21 @@
 after each stage of the pipeline in turn, scored on held-out Wikipedia text.
 
 Rows (each adds one step to the row above; all read the same web inputs of ../shared/data/raw/web):
-  raw       extracted text only: no filters, no min length, no dedup
-  +langid   lid.176, English and Chinese (the two languages of the held-out text), min length 200, PII
-  +gopher   Gopher repetition and quality rules
-  +c4       C4 rules (FineWeb's setting: the terminal-punctuation line rule off)
-  +fineweb  FineWeb's three rules
-  +dedup    exact + MinHash near-duplicate removal           (= the pipeline as configured today)
-  +quality  the learned fastText quality model, best half of the job kept (DCLM's recipe, which
-            keeps 10% of a far larger pool)                   (= the full pipeline)
+  raw        extracted text only: no filters, no min length, no dedup
+  +langid    lid.176, English and Chinese (the two languages of the held-out text), min length 200, PII
+  +gopher    Gopher repetition and quality rules, per language (en, and zh from the wiki samples)
+  +c4        C4 rules (English only, as FineWeb-2; FineWeb's setting: the terminal-punctuation line rule off)
+  +fineweb   FineWeb's three rules (en), FineWeb-2's changes for zh
+  +decontam  drop web documents sharing a 13-gram with the held-out Wikipedia documents
+  +dedup     exact + MinHash near-duplicate removal
+  +quality   the learned fastText quality model, best half of the job kept by the `select` step
+             (DCLM's recipe, which keeps 10% of a far larger pool)   (= the full pipeline)
 Every row trains the same model, with the same tokenizer (SentencePiece trained on a neutral
 mix: all of the raw web text plus the Wikipedia training half), for the same number of tokens, 3
 seeds each. Evaluation: the English and Chinese Wikipedia sample documents whose seeded hash of
 the id puts them in the held-out half; nothing held out reaches the tokenizer, the quality
-model (whose positives are the other half and instruction answers) or any training row.
+model (whose positives are the other half and instruction answers) or any training row. A row
+whose training tokens equal an earlier row's (a stage that removed nothing) reuses its runs.
 
 Three resumable phases, results cached under --out (per-row shards, token files, one JSON per run):
     python bench/ablation.py --size tiny                 # minutes: the whole thing, small
@@ -47,10 +49,11 @@ log = logging.getLogger("ablation")
 RAW = REPO.parent / "shared" / "data" / "raw"
 WEB = ["web/*.warc.gz", "web/*.warc.wet.gz", "web/*.jsonl*", "web/c4-shards/*.json.gz"]
 WIKI = ["wiki/enwiki*.xml.bz2", "wiki/zhwiki*.xml"]
-ROWS = ["raw", "+langid", "+gopher", "+c4", "+fineweb", "+dedup", "+quality"]
+ROWS = ["raw", "+langid", "+gopher", "+c4", "+fineweb", "+decontam", "+dedup", "+quality"]
 FILTERS = {"+gopher": ["gopher_repetition", "gopher_quality"], "+c4": ["c4"], "+fineweb": ["fineweb"]}
 SEEDS = (0, 1, 2)
 HOLDOUT_SALT = "ablation-holdout"
+HELDOUT = "heldout_wiki.jsonl.zst"  # the held-out documents, as the +decontam row's evaluation set
 
 
 def held_out(doc_id: str) -> bool:
@@ -62,28 +65,31 @@ def row_config(row: str, out: Path, quality_dir: Path | None, top_fraction: floa
     """The data-prep config of one row: configs/data/all_samples.yaml with the row's steps switched on."""
     from pipeline.config import load_config
     from pipeline.data.config import DataConfig
-    from pipeline.data.quality_model import QualityModelConfig
 
     upto = ROWS.index(row)
-    on = [f for r in ROWS[2 : upto + 1] for f in FILTERS.get(r, [])]
-    names = ["langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii"]
-    flags = [
-        f"filters.{n}.enabled={str(n in on or (upto >= 1 and n in ('langid', 'pii'))).lower()}" for n in names
+    on = {f for r in ROWS[2 : upto + 1] for f in FILTERS.get(r, [])}
+    on |= {"langid", "pii"} if upto >= 1 else set()
+    on |= {"decontam"} if upto >= ROWS.index("+decontam") else set()
+    names = ["langid", "gopher_repetition", "gopher_quality", "c4", "fineweb", "pii", "decontam"]
+    overrides = [f"filters.{n}.enabled={str(n in on).lower()}" for n in names]
+    overrides += ["filters.langid.languages=[en, zh]", "filters.skip_sources=[]", "ray.num_cpus=2"]
+    overrides += [
+        f"filters.decontam.eval_sets=[{{name: heldout_wiki, path: {out / HELDOUT}, fields: [text]}}]"
     ]
-    overrides = [*flags, "filters.langid.languages=[en, zh]", "filters.skip_sources=[]", "ray.num_cpus=2"]
     overrides += ["clean.min_chars=0"] if row == "raw" else []
-    overrides += ["steps=[clean, dedup]"] if upto >= ROWS.index("+dedup") else ["steps=[clean]"]
+    steps = ["clean", "dedup"] if upto >= ROWS.index("+dedup") else ["clean"]
+    if row == "+quality":
+        steps.append("select")
+        overrides += [
+            "filters.quality_model.enabled=true", f"filters.quality_model.model={quality_dir}",
+            "filters.quality_model.keep=top_fraction", f"filters.quality_model.top_fraction={top_fraction}",
+        ]  # fmt: skip
+    overrides.append(f"steps=[{', '.join(steps)}]")
     cfg = load_config(DataConfig, REPO / "configs" / "data" / "all_samples.yaml", overrides)
     inputs = [str(RAW / pattern) for pattern in WEB]
-    cfg = dataclasses.replace(
+    return dataclasses.replace(
         cfg, inputs=inputs, output_dir=out / "rows" / row.lstrip("+"), name=f"ablation {row}"
     )
-    if row == "+quality":
-        qm = QualityModelConfig(
-            enabled=True, model=quality_dir, keep="top_fraction", top_fraction=top_fraction
-        )
-        cfg = dataclasses.replace(cfg, quality_model=qm)
-    return cfg
 
 
 def read_docs(folder: Path) -> list[dict]:
@@ -108,6 +114,9 @@ def prep_wiki(out: Path) -> dict[str, list[dict]]:
     for doc in read_docs(wiki_dir / "cleaned"):
         lang = "zh" if doc["id"].startswith("zhwiki") else "en"
         split[f"eval_{lang}" if held_out(doc["id"]) else "train"].append(doc)
+    from pipeline.io import write_jsonl_zst
+
+    write_jsonl_zst(out / HELDOUT, split["eval_en"] + split["eval_zh"])
     return split
 
 
@@ -148,12 +157,9 @@ def prep(out: Path, top_fraction: float) -> None:
         report = prepare_data(row_config(row, out, quality_dir, top_fraction))
         folder = "selected" if "select" in report else "deduped" if "dedup" in report else "cleaned"
         docs[row] = read_docs(out / "rows" / row.lstrip("+") / folder)
-        log.info(
-            "row %-9s %6d documents, %9d characters",
-            row,
-            len(docs[row]),
-            sum(len(d["text"]) for d in docs[row]),
-        )
+        zh = sum((d.get("meta") or {}).get("language") == "zh" for d in docs[row])
+        log.info("row %-9s %6d documents (%d zh), %9d characters", row, len(docs[row]), zh,
+                 sum(len(d["text"]) for d in docs[row]))  # fmt: skip
     tok = train_tokenizer(out, docs["raw"] + wiki["train"])
     write_tokens(
         out, tok, {**{r: docs[r] for r in ROWS}, "eval_en": wiki["eval_en"], "eval_zh": wiki["eval_zh"]}
@@ -184,10 +190,20 @@ def write_tokens(out: Path, tok: Path, sets: dict[str, list[dict]]) -> None:
         np.save(out / "tokens" / f"{name.lstrip('+')}.npy", np.asarray(ids, dtype=np.uint16))
         meta["sets"][name] = {
             "documents": len(docs),
+            "zh_documents": _zh_documents(docs),
             "tokens": len(ids),
             "chars": sum(len(d["text"]) for d in docs),
+            "sha256": hashlib.sha256(np.asarray(ids, dtype=np.uint16).tobytes()).hexdigest(),
         }
     (out / "tokens" / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _zh_documents(docs: list[dict]) -> int:
+    """Documents lid.176 labels Chinese (on every row, raw included, with the pipeline's model)."""
+    from pipeline.data.langid import LanguageId
+
+    lid = LanguageId()
+    return sum(lid.predict(d["text"])[0] == "zh" for d in docs)
 
 
 def train(out: Path, size_name: str, max_runs: int = 0) -> None:
@@ -199,6 +215,10 @@ def train(out: Path, size_name: str, max_runs: int = 0) -> None:
     done_dir.mkdir(parents=True, exist_ok=True)
     todo = [(r, s) for r in ROWS for s in SEEDS if not (done_dir / f"{r.lstrip('+')}-s{s}.json").is_file()]
     for row, seed in todo[: max_runs or None]:
+        if same := _same_tokens_as(meta, row, done_dir, seed):  # the stage removed nothing: same run
+            res = {**json.loads(same.read_text()), "row": row, "reused": same.name}
+            (done_dir / f"{row.lstrip('+')}-s{seed}.json").write_text(json.dumps(res, indent=2))
+            continue
         tokens = np.load(out / "tokens" / f"{row.lstrip('+')}.npy")
         res = train_and_eval(tokens, evals, meta["vocab"], seed, size)
         res.update(row=row, seed=seed, train_tokens_available=len(tokens))
@@ -212,6 +232,15 @@ def train(out: Path, size_name: str, max_runs: int = 0) -> None:
             ev["zh"]["loss"],
             res["seconds"],
         )
+
+
+def _same_tokens_as(meta: dict, row: str, done_dir: Path, seed: int) -> Path | None:
+    """The finished run of an earlier row with the same training tokens and seed, if there is one."""
+    for earlier in ROWS[: ROWS.index(row)]:
+        path = done_dir / f"{earlier.lstrip('+')}-s{seed}.json"
+        if meta["sets"][earlier]["sha256"] == meta["sets"][row]["sha256"] and path.is_file():
+            return path
+    return None
 
 
 def summarize(out: Path, size_name: str) -> list[dict]:
@@ -236,7 +265,8 @@ def summarize(out: Path, size_name: str) -> list[dict]:
             losses = [r["eval"][lang]["loss"] for r in runs]
             entry[lang] = float(np.mean(losses))
             entry[f"{lang}_std"] = float(np.std(losses, ddof=1)) if len(runs) > 1 else 0.0
-        entry.update(docs=meta["sets"][row]["documents"], tokens=meta["sets"][row]["tokens"])
+        sets = meta["sets"][row]
+        entry.update(docs=sets["documents"], zh_docs=sets["zh_documents"], tokens=sets["tokens"])
         table.append(entry)
     return table
 
@@ -253,11 +283,12 @@ def report(out: Path, size_name: str) -> str:
     """Print and write the table (ablation.md) and the bar chart (ablation.png); the verdict on (b) vs (a)."""
     table = summarize(out, size_name)
     lines = [
-        f"| row | documents | train tokens | held-out loss (mean ± std, {table[0]['seeds'] if table else 0} seeds) | en | zh |",
+        f"| row | documents (zh) | train tokens | held-out loss (mean ± std, {table[0]['seeds'] if table else 0} seeds) | en | zh |",
         "|---|---:|---:|---|---:|---:|",
     ]
     lines += [
-        f"| {t['row']} | {t['docs']:,} | {t['tokens']:,} | {t['mean']:.4f} ± {t['std']:.4f} "
+        f"| {t['row']} | {t['docs']:,} ({t['zh_docs']:,}) | {t['tokens']:,} "
+        f"| {t['mean']:.4f} ± {t['std']:.4f} "
         f"| {t['en']:.4f} ± {t['en_std']:.4f} | {t['zh']:.4f} ± {t['zh_std']:.4f} |"
         for t in table
     ]

@@ -6,7 +6,8 @@ Trains a quality model on the samples (instruction answers vs. raw web text, a f
 --model names one, then scores every web JSONL sample document (mean ~4.5 k characters) with
 `QualityModelFilter.process`, as the clean step does, and, in the same process on the same
 documents, fastText lid.176 on the full text (the language-ID model our langid stage runs) as
-the baseline. Times are CPU seconds of this process, so other jobs on the machine skew them less
+the baseline. It also times decontamination (`Decontaminate.process`, the index built from the
+self-instruct tasks and both Alpaca demo sets, English and Chinese) on the same documents. Times are CPU seconds of this process, so other jobs on the machine skew them less
 than wall time; the ratio ours / lid.176 is the number to compare across machines. Goal: >= 2,000
 documents per second per core.
 """
@@ -95,6 +96,30 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"ratio ours / lid.176: {ours / base:.2f}x; goal >= 2,000 docs/s per core: {'met' if ours >= 2000 else 'NOT met'}"
     )
+    stage, label = decontam_stage(args.raw)
+    rate = cpu_rate(lambda d: stage.process([Document(x.id, x.text, x.source) for x in d]), docs, args.repeat)
+    print(
+        f"decontam ({label}): {rate:8,.0f} docs/s per core  {rate * chars / 1e6:6.1f} MB/s"
+        f"  ({rate / base:.2f}x lid.176)"
+    )
+
+
+def decontam_stage(raw: Path) -> tuple:
+    """The decontam stage over the instruction sets (the web samples do not contain them)."""
+    from pipeline.data.decontam import DecontamConfig, Decontaminate, EvalSetConfig, build_index
+
+    sets = [
+        EvalSetConfig(
+            "self_instruct",
+            raw / "sft" / "self-instruct-seed_tasks.jsonl",
+            ["instruction", "instances.output"],
+        ),
+        EvalSetConfig("alpaca_en", raw / "sft" / "alpaca_en_demo.json", ["instruction", "output"]),
+        EvalSetConfig("alpaca_zh", raw / "sft" / "alpaca_zh_demo.json", ["instruction", "output"]),
+    ]
+    cfg = DecontamConfig(enabled=True, eval_sets=sets)
+    index = build_index(cfg)
+    return Decontaminate(cfg, index), f"{len(index.keys):,} n-grams of {len(sets)} sets"
 
 
 if __name__ == "__main__":
