@@ -120,6 +120,23 @@ def test_short_items_match_by_their_min_ngrams_and_flag_mode_keeps_the_document(
     )
 
 
+def test_counting_runs_and_alphabet_indexes_are_not_indexed(tmp_path):
+    """The held-out "Alphabet" article matched three Wikipedia list pages by their A-Z index alone."""
+    article = "The English alphabet: a b c d e f g h i j k l m n o p q r s t u v w x y z and 1 2 3 4 5 6 7 8 9 10 11 12 13 14."
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": article}) + "\n")
+    cfg = DecontamConfig(enabled=True, eval_sets=[EvalSetConfig("e", tmp_path / "e.jsonl")])
+    index = build_index(cfg)
+    assert index.stats["e"]["ngrams"] == 3 + 13  # the windows that hold a word (the, english, alphabet; and)
+    nav = Document(
+        "w",
+        "Index: A B C D E F G H I J K L M N O P Q R S T U V W X Y Z, pages 1 2 3 4 5 6 7 8 9 10 11 12 13 14",
+        "web",
+    )
+    copy = Document("c", f"Quoted: {article}", "web")
+    kept, counts = Decontaminate(cfg, index).process([nav, copy])
+    assert [d.id for d in kept] == ["w"] and counts.dropped == {"contaminated": 1}
+
+
 def test_a_damaged_set_or_a_wrong_field_name_fails_naming_the_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine line of words here for the index to use today"}\n{oops\n')

@@ -8,7 +8,8 @@ legacy NeMo Curator decontaminators do) and keeps the sorted hashes with the id 
 came from. A text shorter than `ngram` units but at least `min_ngram` long is indexed by its
 `min_ngram`-grams, so short questions are still caught (a document is then looked up with two
 window lengths, not one per text length); shorter ones are counted as `too_short` and skipped. Windows made
-only of numbers are not indexed (numbered lists would match any counting run).
+only of numbers and lone letters are not indexed (numbered lists and alphabet indexes would match any
+counting run or Wikipedia list page).
 
 The index is built once per job, on the driver (`filters.SHARED`), and the clean step hands it
 to every task through `Job.share` (numpy arrays travel without copies); `Decontaminate`, the
@@ -34,6 +35,7 @@ from pipeline.data.document import Counts, Document
 from pipeline.data.records import field_texts, iter_records
 from pipeline.data.stage import Stage
 from pipeline.data.units import word_units
+from pipeline.data.words import UNSPACED_RUN
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import sha256_file
 
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 _PRIME = np.uint64(0x100000001B3)  # odd multiplier of the polynomial window hash (wraps mod 2^64)
 _LENGTH_SALT = np.uint64(0x9E3779B97F4A7C15)  # keeps windows of different lengths apart
+INDEX_VERSION = 2
+"""Bump when the units or the indexed windows change (2: words.py's split, alphabet runs not indexed)."""
 MATCHED = "matched:"
 """Prefix of the stage's `noted` counters: `matched:<set>` = documents that matched that set."""
 
@@ -94,7 +98,11 @@ class DecontamConfig:
 
 def unit_hashes(text: str) -> np.ndarray:
     """uint64 hash of each unit of `text` (xxh3: the same in every process, unlike hash())."""
-    units = word_units(text)
+    return hash_units(word_units(text))
+
+
+def hash_units(units: list[str]) -> np.ndarray:
+    """uint64 xxh3 hash of each unit."""
     return np.fromiter(map(xxhash.xxh3_64_intdigest, map(str.encode, units)), np.uint64, len(units))
 
 
@@ -109,13 +117,19 @@ def window_hashes(units: np.ndarray, length: int) -> np.ndarray:
     return h
 
 
-def informative(text: str, length: int) -> np.ndarray:
-    """Per window of `length` units: False when every unit is a number. Counting runs ("1 2 3 ...
-    13") and tables of figures are everywhere on the web and say nothing about a benchmark."""
-    numeric = np.array([u.isdigit() for u in word_units(text)], dtype=np.int64)
-    if len(numeric) < length:
+def _filler(unit: str) -> bool:
+    """A number, or a lone letter of a spaced script ("a", "B"; not a Chinese character)."""
+    return unit.isdigit() or (len(unit) == 1 and not UNSPACED_RUN.match(unit))
+
+
+def informative(units: list[str], length: int) -> np.ndarray:
+    """Per window of `length` units: False when every unit is filler. Counting runs ("1 2 3 ... 13"),
+    tables of figures and alphabet indexes ("A B C ... M", on every Wikipedia list page) are everywhere
+    on the web and say nothing about a benchmark."""
+    filler = np.fromiter(map(_filler, units), np.int64, len(units))
+    if len(filler) < length:
         return np.empty(0, bool)
-    run = np.concatenate([[0], np.cumsum(numeric)])
+    run = np.concatenate([[0], np.cumsum(filler)])
     return (run[length:] - run[:-length]) < length
 
 
@@ -184,13 +198,14 @@ def _index_set(spec: EvalSetConfig, cfg: DecontamConfig) -> tuple[np.ndarray, di
         st["without_fields"] += not texts
         for text in texts:
             st["texts"] += 1
-            units = unit_hashes(text)
+            words = word_units(text)
+            units = hash_units(words)
             length = cfg.ngram if len(units) >= cfg.ngram else cfg.min_ngram
             if len(units) < length:
                 st["too_short"] += 1
                 continue
             st["lengths"].add(length)
-            parts.append(window_hashes(units, length)[informative(text, length)])
+            parts.append(window_hashes(units, length)[informative(words, length)])
     if bad:  # a damaged evaluation set would silently let its text through
         raise DataError(f"decontam set {spec.name!r}: {len(bad)} unreadable records, first: {bad[0]}")
     if st["records"] and not st["texts"]:
@@ -204,8 +219,12 @@ def _index_set(spec: EvalSetConfig, cfg: DecontamConfig) -> tuple[np.ndarray, di
 
 
 def index_fingerprint(cfg: DecontamConfig) -> dict:
-    """What decides the decontam stage's output: its settings and the evaluation files' contents."""
-    return {"cfg": cfg, "files": {s.name: sha256_file(s.path) for s in cfg.eval_sets}}
+    """What decides the decontam stage's output: its code version, settings and the evaluation files' contents."""
+    return {
+        "version": INDEX_VERSION,
+        "cfg": cfg,
+        "files": {s.name: sha256_file(s.path) for s in cfg.eval_sets},
+    }
 
 
 class Decontaminate(Stage):
