@@ -121,13 +121,11 @@ def run_dedup(job: Job) -> dict:
     found = dedup.decide(job.map, sigs, parts, work, cfg.exact, cfg.near)
     calls = [
         (
-            *(
-                shard_paths(cleaned, u)[0].resolve(),
-                dst.resolve(),
-                stats.resolve(),
-                dedup.drops_path(work, i),
-                h,
-            ),
+            shard_paths(cleaned, u)[0].resolve(),
+            dst.resolve(),
+            stats.resolve(),
+            dedup.drops_path(work, i),
+            h,
             _carried(job, cleaned, deduped, u),
         )
         for i, (u, (dst, stats)) in enumerate(zip(order, targets))
@@ -287,7 +285,7 @@ def run_select(job: Job) -> dict:
     }
     h = config_hash({**upstream, "threshold": cut["threshold"]})
     calls = [
-        (*pair, *[p.resolve() for p in deduped_paths(selected, u)], cut["threshold"], h)
+        (*pair, *[p.resolve() for p in shard_paths(selected, u)], cut["threshold"], h)
         for pair, u in zip(shards, order)
     ]
     results = job.map(
