@@ -5,7 +5,8 @@ writes <output_root>/<name>/ (model.bin + quality_model.json with metrics and da
     python launch/train_quality_model.py --config configs/quality/sample.yaml epoch=20 name=q20
 
 Prints the folder and the held-out accuracy/F1. Apply it in data prep with
-`quality_model: {enabled: true, model: quality_models/<name>, keep: top_fraction, top_fraction: 0.1}`.
+`filters.quality_model: {enabled: true, model: quality_models/<name>, keep: top_fraction, top_fraction: 0.1}`
+and `steps: [clean, dedup, select, tokenize]` (README: your own quality model).
 """
 
 from __future__ import annotations
