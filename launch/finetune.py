@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import add_config_args, load_config
+from pipeline.config import add_config_args, load_config, located
 from pipeline.errors import user_errors
 
 
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging("INFO" if dist.is_main() else "WARNING")  # one copy of each progress line
     with user_errors():
-        finetune_worker(load_config(FinetuneConfig, args.config, args.overrides))
+        cfg = load_config(FinetuneConfig, args.config, args.overrides)
+        with located(cfg):
+            finetune_worker(cfg)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ done, so an interrupted job just needs a re-run.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipeline.config import add_config_args, load_config
-from pipeline.errors import GristmillError
+from pipeline.config import add_config_args, load_config, located
+from pipeline.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,10 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.log import setup_logging
 
     setup_logging("INFO")
-    try:
-        prepare_data(load_config(DataConfig, args.config, args.overrides))
-    except GristmillError as exc:  # a user error: one line, no traceback
-        sys.exit(f"error: {exc}")
+    with user_errors():
+        cfg = load_config(DataConfig, args.config, args.overrides)
+        with located(cfg):
+            prepare_data(cfg)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ The folder loads with AutoTokenizer.from_pretrained(path) and gives the same ids
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipeline.config import add_config_args, load_config
-from pipeline.errors import GristmillError
+from pipeline.config import add_config_args, load_config, located
+from pipeline.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.tokenizer.train import train_tokenizer
 
     setup_logging("INFO")
-    try:
-        print(train_tokenizer(load_config(TokenizerConfig, args.config, args.overrides)))
-    except GristmillError as exc:  # a user error: one line, no traceback
-        sys.exit(f"error: {exc}")
+    with user_errors():
+        cfg = load_config(TokenizerConfig, args.config, args.overrides)
+        with located(cfg):
+            print(train_tokenizer(cfg))
 
 
 if __name__ == "__main__":

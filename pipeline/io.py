@@ -1,7 +1,9 @@
 """File helpers every stage uses: atomic writes, checksums, and zstd-compressed JSON lines.
 
 Atomicity (DESIGN invariant 4): outputs are written under a temporary name in the same
-directory, fsynced, then renamed, so a reader never sees half a file.
+directory, fsynced, then renamed, so a reader never sees half a file. The temporary file or
+folder gets the permissions the user's umask gives any new file (mkstemp/mkdtemp would make
+them owner-only), so outputs on a shared filesystem are readable by the group as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ from pipeline.errors import DataError
 TMP_PREFIX = ".tmp-"
 
 
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # not thread-safe for that instant; only where /proc is missing
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -36,6 +52,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # what open() would have given; mkstemp makes it 0600
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -55,6 +72,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~umask())  # what mkdir would have given; mkdtemp makes it 0700
         yield tmp
         if path.exists():
             shutil.rmtree(path)

@@ -18,6 +18,9 @@ def setup_logging(level: str | int = "INFO") -> None:
         stream=sys.stderr,
         force=True,
     )
+    # transformers imports torchao (the `deploy` extra) whenever it is installed; its import-time
+    # notes about optional kernels say nothing a user can act on.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> logging.Logger:

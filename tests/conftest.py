@@ -1,4 +1,5 @@
-"""Shared fixtures: the real raw samples (skipped when absent) and one local Ray instance per session."""
+"""Shared fixtures: the real raw samples (skipped when absent) and one local Ray instance per session;
+tests marked `gpu` / `gpu(n)` are skipped, with the reason, where fewer than n CUDA GPUs are visible."""
 
 from __future__ import annotations
 
@@ -28,3 +29,19 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip `gpu(n)` tests where torch sees fewer than n CUDA GPUs, saying how many it sees and why."""
+    wanted = {item: item.get_closest_marker("gpu") for item in items}
+    wanted = {item: (m.args[0] if m.args else m.kwargs.get("n", 1)) for item, m in wanted.items() if m}
+    if not wanted:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    why = f"torch {torch.__version__} is a CPU build" if not torch.version.cuda else "no CUDA GPU is visible"
+    for item, n in wanted.items():
+        if have < n:
+            seen = f"{have} CUDA GPU(s) visible" if have else why
+            item.add_marker(pytest.mark.skip(reason=f"needs {n} CUDA GPU(s): {seen}"))

@@ -215,6 +215,15 @@ def worker_env(extra: dict | None = None) -> dict:
     return env
 
 
+# fp16 on CPUs whose DeepSpeed accelerator refuses it, for tests only (tests/cpu_fp16/sitecustomize.py)
+CPU_FP16_ENV = {
+    "GRISTMILL_TEST_CPU_FP16": "emulate",
+    "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO / "tests" / "cpu_fp16"), str(REPO), os.environ.get("PYTHONPATH")])
+    ),
+}
+
+
 def run_single(args: list[str], *, env: dict | None = None, timeout: int = 300):
     """`python <args>` as one rank without the launcher (a 1-rank process group on a free port)."""
     return subprocess.run(

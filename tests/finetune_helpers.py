@@ -163,23 +163,55 @@ def remove_shm(port: int) -> None:
         os.unlink(path)
 
 
-def run_finetune(config: str | Path, overrides: list[str], *, ranks: int = 1, timeout: int = 300):
-    """Run launch/finetune.py: one plain process (a 1-rank group), or `ranks` ranks under the
-    deepspeed launcher. Returns the CompletedProcess; the caller asserts on returncode."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+def finetune_cmd(config: str | Path, overrides: list[str], ranks: int, port: int) -> list[str]:
+    """launch/finetune.py as one plain process (a 1-rank group), or `ranks` ranks under the launcher."""
     args = ["launch/finetune.py", "--config", str(config), *overrides]
-    port = free_port()
     if ranks == 1:
-        cmd = [sys.executable, *args]
-    else:
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [deepspeed, "-q", "--num_gpus", str(ranks), "--master_port", str(port), *args]
+        return [sys.executable, *args]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "-q", "--num_gpus", str(ranks), "--master_port", str(port), *args]
+
+
+def finetune_env(extra: dict | None = None) -> dict:
+    """CPU ranks, offline, one thread each; no launcher variables or fault injection inherited."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GRISTMILL_FAULTS"):
+        env.pop(key, None)
+    return {**env, **(extra or {})}
+
+
+def run_finetune(
+    config: str | Path, overrides: list[str], *, ranks: int = 1, timeout: int = 300, env: dict | None = None
+):
+    """Run launch/finetune.py to the end; returns the CompletedProcess (the caller checks returncode)."""
+    port = free_port()
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            finetune_cmd(config, overrides, ranks, port),
+            cwd=REPO,
+            env=finetune_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     finally:
         remove_shm(port)
+
+
+def start_finetune(
+    config: str | Path, overrides: list[str], log: Path, *, env: dict | None = None
+) -> subprocess.Popen:
+    """launch/finetune.py as one plain process in the background, stdout and stderr into `log` (a file,
+    not a pipe: nobody has to drain it while the test waits)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            finetune_cmd(config, overrides, 1, 0),
+            cwd=REPO,
+            env=finetune_env(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:

@@ -8,14 +8,22 @@ foreground (-D) as our children, so we know their PIDs and stop exactly those.
 
     python tests/slurm_harness.py        # bring a 2-node cluster up, show sinfo, take it down
 
-Tests use `slurm_cluster_or_skip()`: it skips (with the reason) unless GRISTMILL_SLURM_TESTS=1,
-installs the Debian packages when they are missing (root + apt-get), and starts the cluster.
+Tests use `slurm_cluster_or_skip()`: it skips (with the reason) unless GRISTMILL_SLURM_TESTS=1;
+with the switch on, it installs the Debian packages when they are missing (root + apt-get) and starts
+the cluster, and any failure to do so fails the tests: asked-for tests never turn into skips.
+
+Nothing the cluster started outlives it: `cancel(job)` (also used on a failed or timed-out job) and
+`stop()` wait until no process of the job is left (`slurmstepd`, the ranks, a Ray head and its
+workers), killing what does not exit. Such processes are found by the SLURM_CONF in their
+environment, which is this cluster's own file, so other clusters on the host are never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -154,12 +162,11 @@ class SlurmCluster:
         raise SlurmUnavailable(f"nodes not idle after {timeout} s; see {self.root / 'log'}")
 
     def stop(self) -> None:
-        """Cancel what still runs, then stop exactly our daemons (slurmds first) and remove the folder."""
-        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None and self.job_ids():
-            self.run(["scancel", *self.job_ids()], check=False)
-            deadline = time.monotonic() + 30
-            while self.job_ids() and time.monotonic() < deadline:
-                time.sleep(0.5)
+        """Cancel every job and wait for its processes, stop exactly our daemons (slurmds first), kill
+        whatever the jobs left behind, and remove the folder."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            for job in self.job_ids():
+                self.cancel(job)
         for name in sorted(self.procs, key=lambda n: n == "slurmctld"):
             proc = self.procs[name]
             if proc.poll() is None:
@@ -170,7 +177,35 @@ class SlurmCluster:
                     proc.kill()
                     proc.wait()
         self.procs.clear()
+        left = end_processes(self.processes())
         shutil.rmtree(self.root, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"processes of the test cluster survived SIGKILL: {left}")
+
+    def processes(self, job: str | None = None) -> dict[int, str]:
+        """pid -> command line of the processes this cluster's jobs started (of one job if given): the
+        ones whose environment names our SLURM_CONF, less our own daemons."""
+        ours = {p.pid for p in self.procs.values()} | {os.getpid()}
+        found = processes_with_env("SLURM_CONF", str(self.conf))
+        if job is not None:
+            found = {
+                pid: cmd
+                for pid, cmd in found.items()
+                if cmd.startswith(f"slurmstepd: [{job}.") or _env_of(pid).get("SLURM_JOB_ID") == job
+            }
+        return {pid: cmd for pid, cmd in found.items() if pid not in ours}
+
+    def cancel(self, job: str, timeout: float = 30) -> None:
+        """scancel the job, then wait until the controller and this host have no trace of it running:
+        its steps and every process they started gone (SIGKILL after `timeout`)."""
+        self.run(["scancel", job], check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if job not in self.job_ids() and not self.processes(job):
+                return
+            time.sleep(0.3)
+        self.run(["scancel", "--signal=KILL", "--full", job], check=False)
+        end_processes(self.processes(job))
 
     def run(self, cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""
@@ -196,7 +231,8 @@ class SlurmCluster:
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
     def wait(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
-        """Poll until the job's state is one of `states`; TimeoutError (with the state) if it never is."""
+        """Poll until the job's state is one of `states`; on timeout cancel the job (waiting for its
+        processes to end), then TimeoutError with the state it was in."""
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -204,7 +240,10 @@ class SlurmCluster:
             if info.get("JobState") in states:
                 return info
             time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {info.get('JobState')}")
+        self.cancel(job_id)
+        raise TimeoutError(
+            f"job {job_id} not in {states} after {timeout} s (cancelled): {info.get('JobState')}"
+        )
 
     def log_tail(self, n: int = 3000) -> str:
         """The end of every daemon log, for failure messages."""
@@ -215,20 +254,66 @@ class SlurmCluster:
 
 
 def slurm_cluster_or_skip(nodes: int = 2, cpus: int = 2) -> SlurmCluster:
-    """A started cluster, or pytest.skip with the reason (switch off, not root, install/start failed)."""
+    """A started cluster. Without GRISTMILL_SLURM_TESTS=1 the test is skipped; with it, a cluster
+    that cannot be installed or started fails the test with the reason."""
     import pytest
 
     if os.environ.get(ENV_SWITCH) != "1":
         pytest.skip(f"Slurm tests are off: set {ENV_SWITCH}=1 to run them (4-7 minutes on 2 cores)")
     if os.geteuid() != 0:
-        pytest.skip("Slurm tests need root: slurmd runs as root in this harness")
+        pytest.fail(f"{ENV_SWITCH}=1 but Slurm tests need root: slurmd runs as root in this harness")
     try:
         ensure_installed()
         cluster = SlurmCluster(nodes=nodes, cpus=cpus)
         cluster.start()
     except (SlurmUnavailable, OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot run a local Slurm cluster: {exc}")
+        pytest.fail(f"{ENV_SWITCH}=1 but a local Slurm cluster cannot run here: {exc}")
     return cluster
+
+
+def _env_of(pid: int) -> dict[str, str]:
+    """A process's environment ({} when it is gone or not ours to read)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
+
+
+def processes_with_env(key: str, value: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment has key=value."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if _env_of(pid).get(key) != value:
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        found[pid] = cmd
+    return found
+
+
+def end_processes(procs: dict[int, str], grace: float = 10) -> dict[int, str]:
+    """TERM, then KILL after `grace` s, each of `procs`; returns those still alive after that."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(pid) for pid in procs):
+            time.sleep(0.1)
+    return {pid: cmd for pid, cmd in procs.items() if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 if __name__ == "__main__":

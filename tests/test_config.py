@@ -109,3 +109,42 @@ def test_save_and_load_round_trip(tmp_path):
     assert config_hash(
         load_config(DataConfig, tmp_path / "resolved.yaml", ["clean.min_chars=1"])
     ) != config_hash(cfg)
+
+
+def test_an_error_names_the_override_that_set_the_key(tmp_path):
+    path = write(tmp_path, BASE + "clean:\n  min_chars: 10\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(DataConfig, path, ["clean.min_chars=-1"])
+    assert str(exc.value) == "command line 'clean.min_chars=-1': clean.min_chars: must be >= 0, got -1"
+    with pytest.raises(ConfigError) as exc:  # a whole section set on the command line
+        load_config(DataConfig, path, ["clean={min_chars: lots}"])
+    assert str(exc.value).startswith("command line 'clean={min_chars: lots}': clean.min_chars: must be int")
+    with pytest.raises(ConfigError) as exc:
+        load_config(DataConfig, path, ["clean.min_chars"])
+    assert str(exc.value).startswith("command line 'clean.min_chars': ")
+    with pytest.raises(ConfigError) as exc:  # a section only the override made
+        load_config(DataConfig, path, ["ray.extra.workers=2"])
+    assert str(exc.value).startswith("command line 'ray.extra.workers=2': ray.extra: unknown key")
+
+
+def test_errors_found_after_loading_name_where_the_key_was_set(tmp_path):
+    """located(cfg): a rule checked later (world size, another section) still points at the file or
+    the override; origin() answers for nested sections and list items."""
+    from pipeline.config import located, origin
+    from pipeline.train.config import PretrainConfig
+
+    path = tmp_path / "pretrain.yaml"
+    path.write_text("batch:\n  global_size: 12\ndata:\n  blend: [{tokens: a}, {tokens: b, weight: 2}]\n")
+    cfg = load_config(PretrainConfig, path, ["batch.micro_size=4", "optim={lr: 0.01}"])
+    assert origin(cfg, "batch.global_size") == str(path)
+    assert origin(cfg.batch, "micro_size") == "command line 'batch.micro_size=4'"
+    assert origin(cfg.optim, "lr") == origin(cfg, "optim.min_lr") == "command line 'optim={lr: 0.01}'"
+    assert origin(cfg.data.blend[1], "weight") == str(path)
+    assert origin(cfg.data.blend[0], "weight") == str(path)  # not set anywhere: its file is where to set it
+    for key, where in (("batch.global_size", str(path)), ("batch.micro_size", "command line")):
+        with pytest.raises(ConfigError) as exc, located(cfg):
+            raise ConfigError(key, "must be divisible by micro_size x data-parallel size")
+        assert str(exc.value).startswith(f"{where}") and f": {key}: must be divisible" in str(exc.value)
+    with pytest.raises(ConfigError) as exc, located(cfg):  # an error that knows its file keeps it
+        raise ConfigError("vocab_size", "differs", "configs/model/tiny.yaml")
+    assert str(exc.value) == "configs/model/tiny.yaml: vocab_size: differs"

@@ -99,7 +99,8 @@ def test_parquet_and_saved_dataset(raw_samples, tmp_path):
     assert_accounting(11, docs, reader.counts)
     assert reader.counts.errors == {"missing_text": 1} and docs[3].text == rows[3]["text"]
 
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a runtime dependency: its absence must fail, not skip
+
     datasets.Dataset.from_list(rows[:10]).save_to_disk(str(tmp_path / "rp_ds"))
     assert detect_format(tmp_path / "rp_ds") == "hf_disk"
     saved = list(open_reader(tmp_path / "rp_ds", "hf_disk", ReadConfig()))

@@ -116,6 +116,21 @@ def test_language_codes_must_be_lid176_labels(tmp_path, override, key, nearest):
     assert f"nearest labels: {nearest}" in str(info.value)
 
 
+def test_a_language_entry_merges_into_the_default_table(tmp_path):
+    """An override of one setting of one language keeps every other language and setting."""
+    path = tmp_path / "d.yaml"
+    path.write_text(
+        "inputs: [x]\noutput_dir: out\nsteps: [clean]\nfilters: {gopher_quality: {languages: {en: {min_words: 20}}}}\n"
+    )
+    cfg = load_config(DataConfig, path, ["filters.gopher_quality.languages.zh.min_words=30"])
+    langs, default = cfg.filters.gopher_quality.languages, GopherQualityConfig().languages
+    assert set(langs) == set(default) and (langs["en"].min_words, langs["zh"].min_words) == (20, 30)
+    assert langs["zh"].stop_words == default["zh"].stop_words
+    assert langs["zh"].max_mean_word_length == default["zh"].max_mean_word_length
+    cfg = load_config(DataConfig, path, ["filters.gopher_quality.languages.zh=null"])
+    assert set(cfg.filters.gopher_quality.languages) == set(default) - {"zh"}
+
+
 def test_a_non_english_entry_with_english_stop_words_is_refused():
     cfg = GopherQualityConfig(languages={"de": GopherQualityRules()})
     with pytest.raises(ConfigError, match="languages.de.stop_words"):

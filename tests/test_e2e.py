@@ -108,17 +108,36 @@ def test_pretraining_loss_fell_and_a_checkpoint_was_saved(chain):
 
 
 def test_finetuned_export_loads_and_generates(chain):
+    """The export generates real tokens: the greedy continuation of generate.py's prompt, token by
+    token from the model's own logits, no special or unknown tokens in it, and generate.py prints
+    exactly its text."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.finetune.generate import load_model, prompt_ids
 
     hf = chain / "sft/hf"
-    model = AutoModelForCausalLM.from_pretrained(hf)
-    tok = AutoTokenizer.from_pretrained(hf)
-    ids = tok("What is the Python module json for?", return_tensors="pt").input_ids
+    model, tok = load_model(hf)
+    prompt = "What is json for?"
+    ids = prompt_ids(tok, prompt, mode="instruction")
+    new: list[int] = []
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
+        for _ in range(16):  # greedy decoding by hand: argmax of the last position's logits
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    assert new, "the model's first greedy token is EOS"
+    special = {tok.unk_token_id, tok.bos_token_id, tok.pad_token_id}
+    assert not special & set(new) and max(new) < len(tok), new
     text = python(
-        "launch/generate.py", "--model", str(hf), "--prompt", "What is json for?", "--max-new-tokens", "16"
+        "launch/generate.py",
+        "--model",
+        str(hf),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
     )
-    assert text.strip(), "generate.py printed nothing"
+    assert text.strip() == tok.decode(new, skip_special_tokens=True).strip()

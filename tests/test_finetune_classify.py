@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
 from pipeline.finetune import classify
 from pipeline.finetune.config import ClassifySection, FinetuneConfig
-from pipeline.finetune.early_stop import EarlyStopper
+from pipeline.runtime.early_stop import EarlyStopper
 
 CONFIG = REPO / "configs" / "finetune" / "classify_vader.yaml"
 
@@ -95,12 +95,15 @@ def ft_tok(ft_init):  # noqa: F811
 
 
 def test_early_stopper_keeps_best_and_stops():
-    s = EarlyStopper("eval_loss", patience=2, min_delta=0.01)
+    s = EarlyStopper("eval_loss", lower_is_better=True, patience=2, min_delta=0.01)
     improved = [s.update(v, k) for k, v in enumerate([3.0, 2.5, 2.495, float("nan")])]
     assert improved == [True, True, False, False]  # within min_delta, and NaN, do not count
     assert s.should_stop and s.best == 2.5 and s.best_step == 1
-    up = EarlyStopper("macro_f1", patience=0)
+    up = EarlyStopper("macro_f1", lower_is_better=False, patience=0)
     assert up.update(0.5, 1) and not up.update(0.4, 2) and up.update(0.6, 3) and not up.should_stop
+    again = EarlyStopper("eval_loss", lower_is_better=True, patience=2, min_delta=0.01)
+    again.restore(s.state())  # what a checkpoint carries: a resumed run judges the next eval alike
+    assert again.should_stop and again.best == 2.5 and again.summary() == s.summary()
 
 
 def test_config_checks(ft_init):  # noqa: F811
@@ -121,7 +124,8 @@ def test_vader_classifier_beats_majority_and_exports_best(raw_samples, ft_init, 
     folder is the best checkpoint (its accuracy, recomputed here with plain transformers, is the best eval's)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.finetune.trainer import build_data
+    from pipeline.finetune.tasks import build_task
+    from pipeline.finetune.trainer import load_tokenizer
 
     overrides = [
         f"init_from={ft_init}",
@@ -137,6 +141,7 @@ def test_vader_classifier_beats_majority_and_exports_best(raw_samples, ft_init, 
         # no early stop here: test_finetune_run's LoRA run checks stopping
         "train.early_stop_metric=accuracy",
         "train.patience=0",
+        "train.keep_last=1",
     ]
     proc = run_finetune(CONFIG, overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -147,13 +152,15 @@ def test_vader_classifier_beats_majority_and_exports_best(raw_samples, ft_init, 
     top = max(evals, key=lambda r: r["accuracy"])
     assert [e["step"] for e in evals] == [25, 50, 75, 100] and not best["stopped_early"]
     assert best["best_step"] == top["step"] and best["tag"] == f"step_{top['step']}"
-    assert (tmp_path / "c" / "checkpoints" / "latest").read_text().strip() == best["tag"]
-    assert not [p for p in (tmp_path / "c" / "checkpoints").glob("step_*") if p.name != best["tag"]]
+    # the final checkpoint (to resume from) and the best one (to export) are the ones kept
+    assert (tmp_path / "c" / "checkpoints" / "latest").read_text().strip() == "step_100"
+    kept = {p.name for p in (tmp_path / "c" / "checkpoints").glob("step_*")}
+    assert kept == {best["tag"], "step_100"}
     assert top["accuracy"] > majority + 0.03, (evals, majority)  # measured: 0.77 vs 0.68
     assert top["macro_f1"] > 0.6  # always-positive scores about 0.41
 
     cfg = load_config(FinetuneConfig, CONFIG, overrides)
-    data = build_data(cfg, ft_init)
+    data = build_task(cfg, ft_init, load_tokenizer(ft_init))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert model.config.id2label == {0: "negative", 1: "positive"}
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -162,3 +169,31 @@ def test_vader_classifier_beats_majority_and_exports_best(raw_samples, ft_init, 
         preds = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
     accuracy = float((preds == batch["labels"]).double().mean())
     assert accuracy == pytest.approx(top["accuracy"], abs=1.5 / len(data.valid))
+
+
+@pytest.mark.parametrize("task", ["classify", "sft"])
+def test_every_registered_task_builds_and_batches_by_step(task, ft_init, ft_tok, tmp_path):  # noqa: F811
+    """Each task of the registry, built as the trainer builds it: its data row, batches that are a
+    function of the step alone (a slice per rank of one global batch), and the step's samples."""
+    from pipeline.finetune.tasks import TASKS, build_task
+
+    assert set(TASKS) >= {"sft", "classify"}
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(40)))
+    path = data if task == "classify" else REPO / "tests/data/sample/instructions.jsonl"
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [f"init_from={ft_init}", f"task={task}", f"data.path={path}", "data.seq_len=32"]
+        + ["batch.global_size=4", "batch.micro_size=1"]
+        + (["train.early_stop_metric=accuracy"] if task == "classify" else []),
+    )
+    t = build_task(cfg, ft_init, ft_tok)
+    assert t.info["train_examples"] == len(t.train) and t.init_dir == ft_init and len(t.fingerprint) == 64
+    whole = t.micro_batches(3, 0, 1)  # one rank: the global batch of step 3
+    halves = t.micro_batches(3, 0, 2) + t.micro_batches(3, 1, 2)  # two ranks: a slice each
+    assert len(whole) == 4 and sorted(len(h["input_ids"]) for h in halves) == [1, 1, 1, 1]
+    key = lambda b: b["input_ids"].tolist()  # noqa: E731
+    assert sorted(map(key, halves)) == sorted(map(key, whole))
+    assert len(t.step_samples(3)) == 4 and t.step_samples(3) == t.step_samples(3)
+    assert sum(t.count_targets(b) for b in whole) > 0

@@ -1,17 +1,35 @@
-"""Fine-tuning runs and generation. The slow one goes through the real launcher: `deepspeed --num_gpus 2
-launch/finetune.py` trains LoRA adapters (ZeRO-3, 2 CPU ranks) on the real Alpaca demo set (or the shipped
-sample) rendered with the chat template and packed; the loss falls, only adapter weights change, the
-merged export gives the adapter model's logits and generates with plain transformers. The cheap ones
-check the config, the prompt building and batched generation in-process."""
+"""Fine-tuning runs and generation.
+
+Through the real launcher, `deepspeed --num_gpus 2 launch/finetune.py` trains LoRA adapters (ZeRO-3,
+2 CPU ranks) on the real Alpaca demo set (or the shipped sample) rendered with the chat template and
+packed; the loss falls, only adapter weights change, the merged export gives the adapter model's
+logits and generates with plain transformers.
+
+Resume (module scope, 4 one-process SFT runs, fp32 ZeRO-3 with gradient accumulation, early stopping
+after 2 evals without improvement): `ref` runs uninterrupted (beside the others); `resumed` is killed with SIGKILL at a
+random step, restarted and stopped with SIGUSR1 (checkpoint, exit 75), then restarted to the end.
+Both end bit for bit equal: losses, evals, early stop, final weights and the export of the best
+checkpoint. The cheap tests check the config, the prompt building and batched generation in-process.
+"""
 
 from __future__ import annotations
 
 import json
+import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from finetune_helpers import ALPACA_EN, SAMPLE, ft_init, metrics_rows, run_finetune  # noqa: F401
+from finetune_helpers import (  # noqa: F401
+    ALPACA_EN,
+    SAMPLE,
+    ft_init,
+    metrics_rows,
+    run_finetune,
+    start_finetune,
+)
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DataError
@@ -146,8 +164,8 @@ def test_lora_chat_packed_through_launcher(init_model, raw_samples_or_sample, tm
     best = json.loads((runs / "t" / "best.json").read_text())
     assert best["tag"] == "step_8" and best["stopped_early"] and best["best"] == evals[0]
     ckpts = runs / "t" / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_8"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_8"]  # step 16 was never saved
+    assert (ckpts / "latest").read_text().strip() == "step_16"  # where the run stopped (to resume)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_16", "step_8"]  # and the best one
 
     init = AutoModelForCausalLM.from_pretrained(init_model, dtype=torch.float32).eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -178,3 +196,123 @@ def raw_samples_or_sample() -> Path:
     from finetune_helpers import RAW
 
     return RAW / ALPACA_EN if (RAW / ALPACA_EN).is_file() else SAMPLE
+
+
+# ---------------------------------------------------------------- exact resume
+
+RESUME_STEPS = 8  # early stopping ends both runs at step 6: evals at 2 (best), 4, 6 (patience 2)
+
+
+def resume_overrides(init: Path, runs: Path, name: str) -> list[str]:
+    return [
+        f"init_from={init}",
+        f"run.dir={runs}",
+        f"run.name={name}",
+        f"out={runs / name / 'hf'}",
+        "parallel.precision=fp32",
+        "data.seq_len=64",
+        "batch.global_size=4",
+        "batch.micro_size=2",  # gradient accumulation 2
+        f"train.max_steps={RESUME_STEPS}",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.eval_max_batches=2",
+        "train.save_every=2",
+        "train.keep_last=1",
+        "train.patience=2",
+        "train.min_delta=10",  # no eval beats the first by 10 nats: the stop step is certain
+    ]
+
+
+def loss_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [r["step"] for r in metrics_rows(run_dir) if "loss" in r] if path.is_file() else []
+
+
+def run_until(proc, run_dir: Path, done, what: str, log: Path, timeout: float = 400) -> None:
+    """Wait until done(steps logged so far) holds; fail with the process output if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not done(loss_steps(run_dir)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{what}: rc={proc.returncode}\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def finished(proc, log: Path, timeout: float = 600) -> str:
+    """Wait for the process; its output."""
+    proc.wait(timeout=timeout)
+    return log.read_text()
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(init_model, tmp_path_factory) -> dict:
+    runs = tmp_path_factory.mktemp("ft_resume")
+    logs = {k: runs / f"{k}.log" for k in ("ref", "first", "second")}
+    ref = start_finetune(CONFIG, resume_overrides(init_model, runs, "ref"), logs["ref"])  # beside the chain
+    args, run_dir = resume_overrides(init_model, runs, "resumed"), runs / "resumed"
+    slow = {"GRISTMILL_FAULTS": "step_sleep=0.4"}  # room to act between steps; numerics unchanged
+    kill_at = random.SystemRandom().choice([3, 4])
+    first = start_finetune(CONFIG, args, logs["first"], env=slow)
+    run_until(
+        first, run_dir, lambda s: s and max(s) >= kill_at, f"attempt 1 (kill at {kill_at})", logs["first"]
+    )
+    first.kill()  # SIGKILL: no handler runs, the latest complete checkpoint is all that survives
+    first.wait()
+    before = len(loss_steps(run_dir))
+    second = start_finetune(CONFIG, args, logs["second"], env=slow)
+    run_until(second, run_dir, lambda s: len(s) > before, "attempt 2", logs["second"])
+    second.send_signal(signal.SIGUSR1)
+    out2 = finished(second, logs["second"])
+    preempted = json.loads((run_dir / "status.json").read_text())
+    third = run_finetune(CONFIG, args)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-5000:]
+    out = finished(ref, logs["ref"])
+    assert ref.returncode == 0, out[-5000:]
+    return {"runs": runs, "kill_at": kill_at, "rc2": second.returncode, "out2": out2, "preempted": preempted}
+
+
+def last_per_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in metrics_rows(run_dir) if key in r}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_killed_and_signalled_finetune_resumes_bit_for_bit(resumed_runs):
+    from safetensors.torch import load_file
+
+    from pipeline.runtime.engine import lazy_state_dict
+
+    runs, kill_at = resumed_runs["runs"], resumed_runs["kill_at"]
+    ref, got = runs / "ref", runs / "resumed"
+    assert resumed_runs["rc2"] == 75, resumed_runs["out2"][-3000:]
+    assert "resumed from step_" in resumed_runs["out2"]
+    pre = resumed_runs["preempted"]
+    assert pre["status"] == "preempted" and pre["signal"] == signal.SIGUSR1 and 3 <= pre["step"] < 6
+    assert sorted(last_per_step(ref, "loss")) == list(range(1, 7))  # early stop at 6 of 8
+    for key in ("loss", "eval_loss", "lr", "grad_norm"):
+        assert last_per_step(got, key) == last_per_step(ref, key), (key, kill_at)
+    assert len(loss_steps(got)) > 6  # steps after the last checkpoint ran again after the kill
+    best_ref, best_got = (json.loads((r / "best.json").read_text()) for r in (ref, got))
+    assert best_got == best_ref and best_ref["tag"] == "step_2" and best_ref["stopped_early"]
+    status = json.loads((got / "status.json").read_text())
+    assert (status["status"], status["step"], status["best_checkpoint"]) == ("completed", 6, "step_2")
+    a, b = (lazy_state_dict(r / "checkpoints", "step_6") for r in (ref, got))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].contiguous(), b[name].contiguous()), (name, kill_at)
+    x, y = (load_file(r / "hf" / "model.safetensors") for r in (ref, got))  # both export step_2
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetune_metrics_make_the_report(resumed_runs, tmp_path):
+    from pipeline.runtime.report import render_report
+
+    rows = metrics_rows(resumed_runs["runs"] / "resumed")
+    assert sum(r.get("event") == "data" for r in rows) == 3  # one accounting row per start
+    train = [r for r in rows if "loss" in r]
+    assert all(r["tokens_per_s"] > 0 and r["skipped_nonfinite"] == 0 for r in train)
+    assert render_report(resumed_runs["runs"] / "resumed", tmp_path / "r.png").stat().st_size > 0

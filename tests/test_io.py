@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import pytest
 
@@ -54,19 +56,6 @@ def test_sha256_and_jsonl_zst_round_trip(tmp_path):
     assert path.read_bytes() == first  # deterministic bytes
 
 
-def test_dist_helpers_without_process_group(monkeypatch):
-    import torch
-
-    from pipeline import dist
-
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
-    t = torch.tensor([3.0])
-    assert dist.all_reduce_sum(t).item() == 3.0
-    dist.barrier()
-
-
 def test_truncated_zst_raises_after_its_complete_rows(tmp_path):
     rows = [{"id": i, "text": "word " * 200} for i in range(300)]
     path = tmp_path / "rows.jsonl.zst"
@@ -85,3 +74,26 @@ def test_concatenated_zst_frames_read_in_order(tmp_path):
     io.write_jsonl_zst(b, [{"n": 2}, {"n": 3}])
     both.write_bytes(a.read_bytes() + b.read_bytes())
     assert [r["n"] for r in io.read_jsonl_zst(both)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_outputs_get_the_users_umask_not_owner_only(tmp_path, mask, file_mode, dir_mode):
+    """Shards, exports, config.yaml and status.json all go through these writers: on a shared
+    filesystem the group must be able to read them as it can any other file of the user's."""
+    from pipeline.config import save_config
+    from pipeline.data.config import CleanConfig
+
+    old = os.umask(mask)
+    try:
+        assert io.umask() == mask
+        with io.atomic_write(tmp_path / "shard.bin") as fh:
+            fh.write(b"x")
+        io.write_json(tmp_path / "status.json", {"status": "running"})
+        save_config(CleanConfig(), tmp_path / "config.yaml")
+        with io.atomic_dir(tmp_path / "export") as d:
+            (d / "model.safetensors").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("shard.bin", "status.json", "config.yaml", "export/model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == dir_mode

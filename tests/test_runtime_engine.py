@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.errors import ConfigError
@@ -11,16 +13,17 @@ from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
 from pipeline.runtime.engine import ds_config, param_groups, precision_supported
 
 
-def make(world_size=2, load_universal=False, **parallel):
+def make(world_size=2, load_universal=False, device=None, adam="torch", **parallel):
     p = ParallelConfig(**parallel)
     p.validate()
     return ds_config(
         batch=BatchConfig(global_size=8, micro_size=2),
-        optim=OptimConfig(lr=1e-3, grad_clip=0.5),
+        optim=OptimConfig(lr=1e-3, grad_clip=0.5, adam=adam),
         parallel=p,
         total_steps=100,
         world_size=world_size,
         load_universal=load_universal,
+        device=device,
     )
 
 
@@ -116,3 +119,58 @@ def test_param_groups_skip_norms():
 
 def test_precision_supported_fp32_and_bf16():
     assert precision_supported("fp32") and precision_supported("bf16")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_default_optimizer_needs_no_compiled_op(device, precision):
+    """torch's AdamW on every device (fused CUDA kernel on GPUs), never DeepSpeed's JIT-built Adam;
+    gradients are reduced in the training precision."""
+    cfg = make(device=device, precision=precision)
+    params = cfg["optimizer"]["params"]
+    assert cfg["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
+    assert params.get("fused", False) is (device == "cuda")
+    assert cfg["communication_data_type"] == precision
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_deepspeed_adam_and_offload_are_a_choice(device):
+    ds_adam = make(device=device, adam="deepspeed")["optimizer"]["params"]  # FusedAdam / CPU Adam
+    assert ds_adam["torch_adam"] is False and "fused" not in ds_adam
+    offload = make(device=device, offload_optimizer=True)["optimizer"]["params"]
+    assert offload["torch_adam"] is False  # ZeRO-Offload steps with DeepSpeed's CPU Adam
+    assert make(device=device, reduce_fp32=True)["communication_data_type"] == "fp32"
+    assert make(device=device, precision="fp32", reduce_fp32=True)["communication_data_type"] == "fp32"
+    with pytest.raises(ConfigError, match="collective_timeout_min"):
+        ParallelConfig(collective_timeout_min=0).validate()
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """A `nvidia-smi` on PATH that lists two GPUs, with no CUDA_VISIBLE_DEVICES and no DS_ACCELERATOR."""
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: a)'\necho 'GPU 1: NVIDIA H100 (UUID: b)'\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+
+
+def test_a_cpu_accelerator_on_a_node_with_gpus_is_refused(fake_nvidia_smi, monkeypatch):
+    """A CPU build of torch where nvidia-smi lists GPUs (setup run on a login node): fail, don't
+    train on the CPU; DS_ACCELERATOR=cpu is the way to ask for the CPU."""
+    from pipeline.runtime.engine import check_accelerator, visible_gpus
+
+    assert visible_gpus() == (2, "nvidia-smi -L")
+    with pytest.raises(ConfigError, match=r"DS_ACCELERATOR: this node shows 2 GPU\(s\) \(nvidia-smi -L\)"):
+        check_accelerator()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")  # Slurm's binding wins over nvidia-smi
+    with pytest.raises(
+        ConfigError, match=r"3 GPU\(s\) \(CUDA_VISIBLE_DEVICES=3,5,7\).*launch/setup.sh --cuda"
+    ):
+        check_accelerator()
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    check_accelerator()  # asked for
+    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    check_accelerator()  # GPUs hidden on purpose

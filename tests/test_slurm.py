@@ -6,7 +6,9 @@ n1, n2 on this host (tests/slurm_harness.py), one task per node.
   `#SBATCH --signal=B:USR1@300` delivers) and once straight to the ranks (`scancel --signal=USR1`),
   checkpoints, requeues itself, resumes and ends with the loss curve of the uninterrupted job;
 - plain `scancel` (TERM) makes the ranks checkpoint but ends the job without a requeue;
-- finetune.sbatch fine-tunes a tiny model on 2 nodes and exports it;
+- finetune.sbatch fine-tunes a tiny model on 2 nodes and exports it; the same job sent USR1
+  checkpoints, requeues itself, resumes from its checkpoint (not from init_from) and ends with the
+  losses of the uninterrupted job;
 - prepare_data.sbatch starts a 2-node Ray cluster, prepares the sample dump through it (the same
   bytes as a local run) and stops Ray, also when the job fails.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from dist_helpers import REPO, encode_docs, make_tokenizer_dir, tiny_corpus, write_token_dir
-from slurm_harness import SlurmCluster, slurm_cluster_or_skip
+from slurm_harness import SlurmCluster, end_processes, processes_with_env, slurm_cluster_or_skip
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 SFT_TINY = REPO / "configs" / "finetune" / "sft_tiny.yaml"
@@ -35,45 +37,99 @@ STEPS = 8
 JOB_TIMEOUT = 420  # seconds; a 2-rank start on 2 busy cores can take a minute
 
 
+def srun_rank_env(**slurm: str) -> dict[str, str]:
+    """srun_rank.sh run with the variables srun sets (no Slurm needed); the environment the rank gets."""
+    script = REPO / "launch" / "slurm" / "srun_rank.sh"
+    out = subprocess.run(
+        ["bash", str(script), "env"],
+        env={"PATH": os.environ["PATH"], **slurm},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 @pytest.mark.parametrize(
     ("tasks_per_node", "node", "procid", "local", "want_local_size"),
     [("1(x2)", 1, 1, 0, 1), ("8(x4)", 2, 17, 1, 8), ("2(x3),1", 3, 6, 0, 1), ("4,2", 1, 5, 1, 2)],
 )
 def test_srun_rank_maps_slurm_task_ids(tasks_per_node, node, procid, local, want_local_size):
-    """No Slurm needed: srun_rank.sh with the variables srun sets, running `env` as the rank."""
-    env = {
-        "PATH": os.environ["PATH"],
-        "SLURM_PROCID": str(procid),
-        "SLURM_NTASKS": "32",
-        "SLURM_LOCALID": str(local),
-        "SLURM_NODEID": str(node),
-        "SLURM_STEP_TASKS_PER_NODE": tasks_per_node,
-        "SLURM_CPUS_PER_TASK": "6",
-    }
-    script = REPO / "launch" / "slurm" / "srun_rank.sh"
-    out = subprocess.run(
-        ["bash", str(script), "env"], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    got = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    got = srun_rank_env(
+        SLURM_PROCID=str(procid),
+        SLURM_NTASKS="32",
+        SLURM_LOCALID=str(local),
+        SLURM_NODEID=str(node),
+        SLURM_STEP_TASKS_PER_NODE=tasks_per_node,
+        SLURM_CPUS_PER_TASK="6",
+    )
     assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"]) == (str(procid), "32", str(local))
     assert got["LOCAL_WORLD_SIZE"] == str(want_local_size) and got["NODE_RANK"] == str(node)
     assert got["OMP_NUM_THREADS"] == "6"
 
 
-def test_run_dir_helper_prints_the_folder_and_names_a_bad_key():
-    helper = [sys.executable, str(REPO / "launch" / "slurm" / "run_dir.py")]
-    ok = subprocess.run(
-        [*helper, "pretrain", "--config", str(TINY_CPU), "run.name=x"], capture_output=True, text=True
+@pytest.mark.parametrize(
+    ("visible", "want"),
+    [
+        ("0,1,2,3,4,5,6,7", "5"),  # every task sees the node's 8 GPUs: its local id picks one
+        ("5", "0"),  # --gpus-per-task=1 / --gpu-bind: one GPU, device 0
+        ("GPU-3f1c2d4e-aaaa-bbbb-cccc-000000000005", "0"),  # bound by UUID
+        ("10,11", "0"),  # --gpus-per-task=2: its own pair, the first of them
+        (None, "5"),  # CPU ranks
+    ],
+)
+def test_srun_rank_uses_the_device_a_bound_task_sees(visible, want):
+    slurm = dict(
+        SLURM_PROCID="13",
+        SLURM_NTASKS="16",
+        SLURM_LOCALID="5",
+        SLURM_NODEID="1",
+        SLURM_TASKS_PER_NODE="8(x2)",
     )
-    assert ok.returncode == 0 and ok.stdout.strip() == str(Path("runs") / "x")
-    bad = subprocess.run(
-        [*helper, "pretrain", "--config", str(TINY_CPU), "run.nam=x"], capture_output=True, text=True
+    got = srun_rank_env(**slurm, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    assert got["LOCAL_RANK"] == want and got["RANK"] == "13"
+
+
+def job_ports(salt: int, job_ids: list[int], ephemeral: str) -> list[int]:
+    """gm_job_port from common.sh for each job id, under a kernel ephemeral port range."""
+    loop = (
+        f"for j in {' '.join(map(str, job_ids))}; do SLURM_JOB_ID=$j gm_job_port {salt} '{ephemeral}'; done"
     )
-    assert bad.returncode != 0 and "run.nam" in bad.stderr
-    data = subprocess.run(
-        [*helper, "data", "--config", str(WIKI), "output_dir=/x/y"], capture_output=True, text=True
-    )
-    assert data.stdout.strip() == "/x/y", data.stderr
+    cmd = f". launch/slurm/common.sh; {loop}"
+    out = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_master_port_is_outside_the_ephemeral_range_and_the_same_for_every_task():
+    jobs = list(range(1, 4000, 13))
+    ports = job_ports(0, jobs, "32768 60999") + job_ports(3, jobs, "32768 60999")
+    assert min(ports) >= 20000 and max(ports) < 32768 and len(set(ports)) > 300
+    assert job_ports(0, jobs, "32768 60999") == ports[: len(jobs)]  # every task derives the same port
+    assert job_ports(1, [7], "32768 60999") != job_ports(0, [7], "32768 60999")  # a requeued try moves on
+    wide = job_ports(0, jobs, "10000 60999")  # a site whose ephemeral range starts lower
+    assert min(wide) >= 61000 and max(wide) <= 65535
+
+
+def test_harness_finds_and_ends_everything_a_cluster_started(tmp_path):
+    """No Slurm needed: processes are found by the cluster's SLURM_CONF in their environment, and
+    ended even when they ignore TERM (a stuck slurmstepd, a Ray head)."""
+    conf = str(tmp_path / "etc" / "slurm.conf")
+    env = {**os.environ, "SLURM_CONF": conf}
+    stubborn = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & wait"], env=env)
+    plain = subprocess.Popen(["sleep", "60"], env=env)
+    other = subprocess.Popen(["sleep", "60"], env={**os.environ, "SLURM_CONF": conf + ".other"})
+    try:
+        deadline = time.monotonic() + 5
+        while len(found := processes_with_env("SLURM_CONF", conf)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # bash's sleep child
+        assert {stubborn.pid, plain.pid} < set(found) and other.pid not in found, found
+        assert end_processes(found, grace=0.5) == {}
+        assert stubborn.wait(5) == -9 and plain.wait(5) == -15 and other.poll() is None
+        assert processes_with_env("SLURM_CONF", conf) == {}
+    finally:
+        for p in (stubborn, plain, other):
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +187,22 @@ def submit(
     cluster: SlurmCluster, work: Path, script: str, args: list[str], sbatch: list[str] = (), **env
 ) -> str:
     out = f"--output={work}/slurm-%j.out"
+    # the training scripts ask for 8 CPUs per task; these fake nodes have 2
+    cpus = [] if script == "prepare_data.sbatch" else ["--cpus-per-task=2"]
     return cluster.sbatch(
-        [*sbatch, out, str(REPO / "launch" / "slurm" / script), *args], env=job_env(**env), cwd=REPO
+        [*cpus, *sbatch, out, str(REPO / "launch" / "slurm" / script), *args], env=job_env(**env), cwd=REPO
     )
 
 
 def finish(cluster: SlurmCluster, work: Path, job: str, expect: str = "COMPLETED") -> dict[str, str]:
-    """Wait for the job to end; fail with its output and the daemons' logs unless it ended as `expect`."""
-    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, JOB_TIMEOUT)
+    """Wait for the job to end; unless it ended as `expect`, make sure none of its processes is left
+    (cancel and wait), then fail with its output and the daemons' logs."""
+    try:
+        info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, JOB_TIMEOUT)
+    except TimeoutError as exc:  # wait() has cancelled it
+        info = {"JobState": f"timeout: {exc}"}
     if info["JobState"] != expect:
+        cluster.cancel(job)
         out = (work / f"slurm-{job}.out").read_text() if (work / f"slurm-{job}.out").exists() else ""
         logs = f"{out}\n{job_logs(work, job)}\n{cluster.log_tail(1500)}"
         pytest.fail(f"job {job}: {info.get('JobState')} (expected {expect}): {info}\n{logs}")
@@ -182,7 +245,8 @@ def test_pretrain_on_two_nodes_trains_and_checkpoints(reference):
     (try0,) = (reference / "logs").glob("slurm-*/try0")
     assert {"job.log", "rank0.log", "rank1.log"} <= {p.name for p in try0.iterdir()}
     job_log = (try0 / "job.log").read_text()
-    assert "2 ranks on 2 nodes" in job_log and "done" in job_log
+    assert "2 ranks on 2 nodes, 2 CPUs each" in job_log and "done" in job_log
+    assert "network: " in job_log
     assert "saved step_8" in (try0 / "rank0.log").read_text()
 
 
@@ -223,6 +287,7 @@ def preempted(cluster, work, corpus) -> tuple[Path, str]:
         rows = preempt(cluster, job, run_dir, batch_only=True, rows_before=1)
         preempt(cluster, job, run_dir, batch_only=False, rows_before=rows)
     except (TimeoutError, AssertionError) as exc:
+        cluster.cancel(job)
         pytest.fail(f"{exc}\n{job_logs(work, job)}")
     finish(cluster, work, job)
     return run_dir, job
@@ -297,26 +362,61 @@ def test_scancel_checkpoints_and_ends_the_job_without_requeue(cluster, work, cor
     assert status["step"] >= 2
 
 
-@pytest.mark.slow
-@pytest.mark.dist
-def test_finetune_on_two_nodes(cluster, work):
-    init = make_init_model(work / "ft_init")
-    args = [
+def finetune_args(init: Path, work: Path, name: str) -> list[str]:
+    return [
         str(SFT_TINY),
         f"init_from={init}",
         f"run.dir={work / 'runs'}",
-        "run.name=sft",
-        f"out={work / 'sft_hf'}",
-        "train.max_steps=2",
-        "train.eval_every=2",
+        f"run.name={name}",
+        f"out={work / (name + '_hf')}",
+        "parallel.precision=fp32",
+        "train.max_steps=6",
+        "train.log_every=1",
+        "train.eval_every=3",
         "train.eval_max_batches=1",
+        "train.save_every=2",
     ]
-    job = submit(cluster, work, "finetune.sbatch", args, ["--nodes=2"])
+
+
+@pytest.fixture(scope="module")
+def ft_reference(cluster, work) -> Path:
+    """An uninterrupted 6-step fine-tuning job on 2 nodes; its run dir."""
+    init = make_init_model(work / "ft_init")
+    job = submit(cluster, work, "finetune.sbatch", finetune_args(init, work, "sft"), ["--nodes=2"])
     finish(cluster, work, job)
+    return work / "runs" / "sft"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetune_on_two_nodes(ft_reference, work):
     assert {"config.json", "model.safetensors"} <= {p.name for p in (work / "sft_hf").iterdir()}
-    try0 = work / "runs" / "sft" / "logs" / f"slurm-{job}" / "try0"
+    (try0,) = (ft_reference / "logs").glob("slurm-*/try0")
     assert {"job.log", "rank0.log", "rank1.log"} <= {p.name for p in try0.iterdir()}
     assert "2 ranks on 2 nodes" in (try0 / "job.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_preempted_finetune_requeues_and_matches_uninterrupted(cluster, work, ft_reference):
+    run_dir = work / "runs" / "sft_pre"
+    args = finetune_args(work / "ft_init", work, "sft_pre")
+    job = submit(cluster, work, "finetune.sbatch", args, ["--nodes=2"], GRISTMILL_FAULTS="step_sleep=0.5")
+    try:
+        preempt(cluster, job, run_dir, batch_only=True, rows_before=1)
+    except (TimeoutError, AssertionError) as exc:
+        pytest.fail(f"{exc}\n{job_logs(work, job)}")
+    finish(cluster, work, job)
+    assert cluster.job(job)["Restarts"] == "1"
+    logs = run_dir / "logs" / f"slurm-{job}"
+    assert "ranks stopped (status 75); requeueing" in (logs / "try0" / "job.log").read_text()
+    assert "resumed from step_" in (logs / "try1" / "rank0.log").read_text()  # not from init_from
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    got, want = losses(run_dir), losses(ft_reference)
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+    assert (work / "sft_pre_hf" / "model.safetensors").is_file()
 
 
 def ray_processes(marker: str) -> list[str]:

@@ -54,7 +54,8 @@ def test_indivisible_global_batch(tokens):
 def test_vocab_mismatch_names_the_key(tokens):
     with pytest.raises(ConfigError) as err:
         resolve(load(tokens, "model.overrides.vocab_size=1000"), world_size=1)
-    assert err.value.key == "model.vocab_size" and "96" in err.value.msg
+    assert err.value.key == "model.overrides.vocab_size" and "96" in err.value.msg
+    assert err.value.file == "command line 'model.overrides.vocab_size=1000'"
 
 
 def test_model_overrides_are_checked(tokens):
@@ -64,6 +65,20 @@ def test_model_overrides_are_checked(tokens):
     with pytest.raises(ConfigError) as err:
         load_model_config(load(tokens, "model.overrides.hidden_sise=32").model)
     assert err.value.key == "model.overrides.hidden_sise" and "hidden_size" in err.value.msg
+    assert err.value.file == "command line 'model.overrides.hidden_sise=32'"  # not configs/model/tiny.yaml
+
+
+def test_a_model_override_typo_in_the_run_config_is_blamed_on_that_file(tokens, tmp_path):
+    """The typo sits in the pretraining YAML's model.overrides, not in configs/model/*.yaml; a rule
+    broken by a value of the model file names the model file."""
+    run = tmp_path / "run.yaml"
+    run.write_text(f"model:\n  file: {REPO / 'configs/model/tiny.yaml'}\n  overrides: {{num_layer: 4}}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(PretrainConfig, run, [f"data.tokens={tokens}"]), world_size=1)
+    assert str(err.value).startswith(f"{run}: model.overrides.num_layer: unknown key (did you mean")
+    with pytest.raises(ConfigError) as err:  # tie_embeddings: true comes from the model file
+        resolve(load(tokens, "parallel.tp_size=2", "parallel.zero_stage=1"), world_size=2)
+    assert err.value.key == "model.tie_embeddings" and err.value.file == str(REPO / "configs/model/tiny.yaml")
     with pytest.raises(ConfigError) as err:
         load_model_config(load(tokens, "model.overrides.num_heads=3").model)
     assert err.value.key == "model.overrides.num_heads"
@@ -134,12 +149,12 @@ def test_fp16_refused_with_a_hint(tokens):
 
 
 def test_blend_mixes_folders_by_weight_and_checks_the_tokenizer(tokens, tmp_path):
-    from pipeline.train.trainer import _loaders
+    from pipeline.train.trainer import open_loaders
 
     web_docs = [np.full(49, 7) for _ in range(4)]
     web = write_token_dir(tmp_path / "web", {"train": [web_docs], "valid": [web_docs[:1]]}, vocab_size=96)
     blend = f"data.blend=[{{tokens: {tokens}, weight: 1}}, {{tokens: {web}, weight: 3}}]"
-    train, valid = _loaders(resolve(load(tokens, blend, "data.seq_len=8"), world_size=1))
+    train, valid = open_loaders(resolve(load(tokens, blend, "data.seq_len=8"), world_size=1))
     rows = np.concatenate(
         [b["input_ids"].numpy() for s in range(0, 400, 8) for b in train.micro_batches(s, 8, 8, 0, 1)]
     )
@@ -161,9 +176,15 @@ def test_launcher_turns_a_config_error_into_one_line(tokens, capsys):
         f"data.tokens={tokens}",
         f"model.file={REPO / 'configs/model/tiny.yaml'}",
     ]
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # a world-size rule names the file the batch came from
         mod.main([*args, "--check", "--world-size", "8"])
-    assert str(exc.value.code).startswith("error: batch.global_size: must be divisible")
+    assert str(exc.value.code).startswith(f"error: {TINY_CPU}: batch.global_size: must be divisible")
+    tp = ["parallel.tp_size=2", "parallel.zero_stage=1", "model.overrides.tie_embeddings=false"]
+    with pytest.raises(SystemExit) as exc:  # ... or the override that set the key
+        mod.main([*args, "--check", "--world-size", "3", *tp])
+    assert str(exc.value.code).startswith(
+        "error: command line 'parallel.tp_size=2': parallel.tp_size: must divide the world size (3)"
+    )
     with pytest.raises(SystemExit) as exc:
         mod.main([*args, "--check", "optim.lr_max=1"])
-    assert str(exc.value.code).startswith(f"error: {TINY_CPU}: optim.lr_max: unknown key")
+    assert str(exc.value.code).startswith("error: command line 'optim.lr_max=1': optim.lr_max: unknown key")

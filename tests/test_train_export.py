@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.train.export import shard_plan, write_safetensors
-from pipeline.train.plan import state_bytes
 
 
 def test_shard_plan_caps_bytes_and_keeps_order():
@@ -35,18 +33,3 @@ def test_write_safetensors_shards_round_trip(tmp_path):
     single.mkdir()
     assert write_safetensors(tensors, single, torch.float32, 10**9) == ["model.safetensors"]
     assert not (single / "model.safetensors.index.json").exists()
-
-
-@pytest.mark.parametrize(
-    ("stage", "precision", "dp", "tp", "per_param"),
-    [
-        (0, "bf16", 8, 1, 16.0),  # 2 weights + 2 grads + 12 Adam/master, nothing sharded
-        (1, "bf16", 8, 1, 2 + 2 + 12 / 8),
-        (2, "bf16", 8, 1, 2 + (2 + 12) / 8),
-        (3, "bf16", 8, 1, 16 / 8),
-        (3, "fp32", 4, 1, 16 / 4),  # 4 + 4 + 8 (no master copy)
-        (1, "bf16", 2, 2, (2 + 2 + 12 / 2) / 2),  # AutoTP halves everything first
-    ],
-)
-def test_model_state_memory_per_device(stage, precision, dp, tp, per_param):
-    assert state_bytes(1000, stage, precision, dp, tp) == pytest.approx(1000 * per_param)

@@ -1,36 +1,82 @@
-"""Failure paths of the trainer: non-finite steps, a crash while writing a checkpoint, fp16 loss
-scaling; plus the pure pieces (fault spec, MFU peak table, checkpoint pruning and compatibility).
+"""Failure paths of the training loop: non-finite steps, loss spikes, a crash while writing a
+checkpoint, fp16 loss scaling; plus the pure pieces (fault spec, spike guard, MFU peak table,
+checkpoint pruning and compatibility, RNG state).
 
-Runs (module scope): `nan` (2 ranks, bf16 ZeRO-3, NaN injected on rank 1 only), `fp16` (2 ranks,
-ZeRO-3 fp16 with dynamic loss scaling, emulated on CPUs without fp16 support), and `crash`
-(1 process, killed inside a checkpoint save, then started again).
+Runs (module scope): `nan` (2 ranks, bf16 ZeRO-3, NaN and a loss spike injected on rank 1 only),
+`fp16` (2 ranks, ZeRO-3 fp16 with dynamic loss scaling, emulated on CPUs without fp16 support),
+and `crash` (1 process, ZeRO-0 fp32 with a NaN step, killed inside a checkpoint save, then started
+again).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
-from dist_helpers import REPO, check, make_corpus, run_launcher, run_single
+from dist_helpers import CPU_FP16_ENV, REPO, check, make_corpus, run_launcher, run_single
 
 from pipeline.errors import CheckpointError
 from pipeline.runtime import checkpoint, telemetry
 from pipeline.runtime.checkpoint import TrainerState
 from pipeline.runtime.faults import CRASH_EXIT_CODE, NONFINITE_EXIT_CODE, Faults
+from pipeline.runtime.guards import SpikeGuard
 from pipeline.runtime.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 
 
 def test_fault_spec(monkeypatch):
-    monkeypatch.setenv("GRISTMILL_FAULTS", "nan_steps=3,5;nan_rank=1;crash_save_step=4;step_sleep=0.5")
+    spec = "nan_steps=3,5;nan_rank=1;crash_save_step=4;step_sleep=0.5;spike_steps=6;spike_scale=50"
+    monkeypatch.setenv("GRISTMILL_FAULTS", spec)
     f = Faults.from_env()
     assert (f.nan_steps, f.nan_rank, f.crash_save_step, f.step_sleep) == ({3, 5}, 1, 4, 0.5)
-    assert not f.poison(3)  # this process is rank 0
+    assert (f.spike_steps, f.spike_scale) == ({6}, 50.0)
+    assert f.loss_factor(3) == 1.0  # this process is rank 0, the faults are rank 1's
+    f.nan_rank = 0
+    assert math.isnan(f.loss_factor(3)) and f.loss_factor(6) == 50.0 and f.loss_factor(4) == 1.0
     monkeypatch.setenv("GRISTMILL_FAULTS", "explode=1")
     with pytest.raises(ValueError, match="explode"):
         Faults.from_env()
+
+
+def test_spike_guard_judges_only_a_full_window_and_survives_a_restore():
+    g = SpikeGuard(window=4, zscore=6.0)
+    for loss in (5.0, 4.9, 5.1, 4.8):
+        assert not g.is_loss_spike(loss)  # window not yet full: never judged
+        g.record_loss(loss, spike=False)
+    assert not g.is_loss_spike(5.2) and not g.is_loss_spike(3.0)  # a lower loss is never a spike
+    assert g.is_loss_spike(50.0)
+    g.record_loss(50.0, spike=True)  # counted, kept out of the window
+    assert g.loss_spikes == 1 and g.losses == [5.0, 4.9, 5.1, 4.8]
+    g.record_loss(float("nan"), spike=False)  # non-finite steps never enter the window
+    assert g.losses == [5.0, 4.9, 5.1, 4.8]
+    for norm in (1.0, 1.1, 0.9, 1.0):
+        assert not g.check_grad_norm(norm)
+    assert g.check_grad_norm(100.0) and g.grad_norm_spikes == 1 and not g.check_grad_norm(None)
+    same = SpikeGuard(window=4, zscore=6.0)
+    same.restore(json.loads(json.dumps(g.state())))  # what a checkpoint's trainer state carries
+    assert same.state() == g.state() and same.is_loss_spike(50.0)
+    flat = SpikeGuard(window=2)
+    flat.record_loss(2.0, False)
+    flat.record_loss(2.0, False)
+    assert flat.is_loss_spike(2.1) and not flat.is_loss_spike(2.0)  # a flat window still has a band
+    assert not SpikeGuard(window=0).is_loss_spike(1e9)  # off
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    np.random.standard_normal()  # a cached Gaussian is part of numpy's state too
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    want = (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.random())
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), random.random()) == want
 
 
 def test_peak_table_and_mfu():
@@ -110,23 +156,33 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_nan_on_one_rank_is_skipped_then_stops_the_run(corpus, runs):
-    faults = {"GRISTMILL_FAULTS": "nan_steps=3,6,7;nan_rank=1"}
-    extra = ("parallel.precision=bf16", "train.max_nonfinite=2", "train.save_every=4")
+def test_nan_and_spike_on_one_rank_are_skipped_then_nans_stop_the_run(corpus, runs):
+    faults = {"GRISTMILL_FAULTS": "nan_steps=3,7,8;spike_steps=5;spike_scale=1000;nan_rank=1"}
+    extra = (
+        "parallel.precision=bf16",
+        "train.max_nonfinite=2",
+        "train.save_every=4",
+        "train.spike_window=3",
+        "train.spike_skip=true",
+    )
     check(run_launcher(args(corpus, runs, "nan", 10, *extra), env=faults), NONFINITE_EXIT_CODE)
     run = runs / "nan"
     rows = {r["step"]: r for r in read_metrics(run) if "loss" in r}
     assert rows[3]["loss"] is None and rows[3]["skipped_nonfinite"] == 1  # skipped on every rank
-    assert rows[4]["loss"] is not None and rows[5]["loss"] < rows[1]["loss"] - 0.2  # bf16 ZeRO-3 learns
-    assert max(rows) == 7 and rows[7]["skipped_nonfinite"] == 3
+    # step 5's loss is ~500x the window's (steps 1, 2, 4): judged a spike before the update, skipped
+    assert rows[4]["spikes_loss"] == 0 and rows[5]["spikes_loss"] == 1 and rows[5]["skipped_spikes"] == 1
+    assert rows[5]["loss"] is None and rows[5]["skipped_nonfinite"] == 1  # not a non-finite step
+    assert rows[6]["loss"] < rows[1]["loss"] - 0.2  # bf16 ZeRO-3 learns on
+    assert max(rows) == 8 and rows[8]["skipped_nonfinite"] == 3
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "stopped_nonfinite" and status["exit_code"] == NONFINITE_EXIT_CODE
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_7"
-    state = json.loads((run / "checkpoints" / "step_7" / "trainer_state.json").read_text())
-    assert state["nonfinite_skips"] == 3 and state["consumed_samples"] == 7 * 8
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_8"
+    state = json.loads((run / "checkpoints" / "step_8" / "trainer_state.json").read_text())
+    assert state["nonfinite_skips"] == 3 and state["spike_skips"] == 1 and state["consumed_samples"] == 8 * 8
+    assert state["spike"]["loss_spikes"] == 1 and len(state["spike"]["losses"]) == 3  # steps 2, 4, 6
     bad = json.loads((run / "nonfinite_samples.json").read_text())
-    assert [b["step"] for b in bad["steps"]] == [6, 7] and [b["step"] for b in bad["all"]] == [3, 6, 7]
-    assert bad["steps"][0]["global_samples"] == [40, 48] and len(bad["steps"][0]["sample_indices"]) == 8
+    assert [b["step"] for b in bad["steps"]] == [7, 8] and [b["step"] for b in bad["all"]] == [3, 7, 8]
+    assert bad["steps"][0]["global_samples"] == [48, 56] and len(bad["steps"][0]["sample_indices"]) == 8
 
 
 @pytest.mark.slow
@@ -138,7 +194,7 @@ def test_fp16_dynamic_loss_scaling(corpus, runs):
         "parallel.fp16_hysteresis=1",
         "train.save_every=0",
     )
-    check(run_launcher(args(corpus, runs, "fp16", 8, *extra), env={"GRISTMILL_CPU_FP16": "emulate"}))
+    check(run_launcher(args(corpus, runs, "fp16", 8, *extra), env=CPU_FP16_ENV))
     rows = [r for r in read_metrics(runs / "fp16") if "loss" in r]
     skips = rows[-1]["skipped_loss_scale"]
     assert skips >= 1 and rows[-1]["skipped_nonfinite"] == 0  # overflows are the scaler's, not NaN skips
@@ -151,17 +207,45 @@ def test_fp16_dynamic_loss_scaling(corpus, runs):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_crash_while_saving_leaves_latest_valid(corpus, runs):
+    """ZeRO-0 fp32 (no overflow check in DeepSpeed): a NaN step is skipped before the update, and a
+    crash inside a save leaves `latest` on the previous checkpoint, from which the redo is exact."""
     base = args(
-        corpus, runs, "crash", 4, "parallel.precision=fp32", "train.save_every=2", "optim.schedule_steps=4"
+        corpus,
+        runs,
+        "crash",
+        4,
+        "parallel.precision=fp32",
+        "parallel.zero_stage=0",
+        "train.save_every=2",
+        "optim.schedule_steps=4",
     )
-    check(run_single(base, env={"GRISTMILL_FAULTS": "crash_save_step=4"}), CRASH_EXIT_CODE)
+    check(run_single(base, env={"GRISTMILL_FAULTS": "nan_steps=3;crash_save_step=4"}), CRASH_EXIT_CODE)
     root = runs / "crash" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_2"
     assert (root / ".tmp-step_4").is_dir() and not (root / "step_4").exists()
-    proc = run_single(base)
+    proc = run_single(base, env={"GRISTMILL_FAULTS": "nan_steps=3"})
     check(proc)
     assert "resumed from step_2" in proc.stderr
     assert (root / "latest").read_text().strip() == "step_4" and not (root / ".tmp-step_4").exists()
     rows = [r for r in read_metrics(runs / "crash") if "loss" in r]  # appended across both attempts
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
     assert [r["loss"] for r in rows[2:4]] == [r["loss"] for r in rows[4:]]  # the redo is exact
+    assert rows[2]["loss"] is None and rows[3]["loss"] < rows[1]["loss"]  # step 3 skipped, weights intact
+
+
+@pytest.mark.slow
+def test_a_startup_error_is_in_status_json_before_any_engine(corpus, runs, tmp_path):
+    """A shard whose bytes changed fails the checksum before the engine and model exist."""
+    import shutil
+
+    bad = tmp_path / "tokens"
+    shutil.copytree(corpus, bad)
+    shard = bad / "train_1.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = run_single(args(bad, runs, "badsum", 2))
+    assert proc.returncode == 1 and "train_1" in proc.stderr, proc.stderr[-3000:]
+    status = json.loads((runs / "badsum" / "status.json").read_text())
+    assert status["status"] == "failed" and "DataError" in status["error"] and "train_1" in status["error"]
+    assert not (runs / "badsum" / "layout.json").exists()  # written once the engine is built: never reached

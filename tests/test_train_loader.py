@@ -14,13 +14,13 @@ from tokens_helpers import instruction_docs, make_token_dir, shared_small_tokeni
 
 from pipeline.data.tokenize import is_valid
 from pipeline.errors import ConfigError, DataError
+from pipeline.runtime.engine import dp_coords
 from pipeline.train import loader as loader_mod
 from pipeline.train.loader import (
     BlendedLoader,
     PackedTokens,
     TokenLoader,
     blend_schedule,
-    dp_coords,
     open_blend,
     open_split,
     permute,

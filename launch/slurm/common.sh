@@ -22,6 +22,39 @@ gm_env() {
   if [ -z "${DS_ACCELERATOR:-}" ] && ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1); then
     export DS_ACCELERATOR=cpu
   fi
+  # Ops DeepSpeed compiles at run time (CPU Adam for offload, the CPU collective op) go to a folder on
+  # each node's own disk: on a shared filesystem, ranks of several nodes would race on one build, and a
+  # build for one CPU model crashes (SIGILL) on nodes with another. Same path on every node, each its own.
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/gristmill-torch-extensions-$(id -u)}
+  # srun no longer takes --cpus-per-task from the job (Slurm >= 22.05): give the ranks' step the CPUs
+  # the job asked for per task, or every rank gets one CPU (ZeRO-3 hooks, NCCL and loader threads starve)
+  if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+}
+
+gm_log_network() {
+  # The network settings the ranks inherit (sbatch passes the submitting shell's environment on):
+  # NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ... are set by the user or the site, never here.
+  local vars
+  vars=$(env | grep -E '^(NCCL|GLOO|TORCH_NCCL|UCX|FI)_[A-Z_]*=' | sort | tr '\n' ' ')
+  gm_log "network: ${vars:-no NCCL_*/GLOO_* settings (NCCL picks interfaces itself; see README, Run on a cluster)}"
+}
+
+gm_job_port() {
+  # gm_job_port SALT [EPHEMERAL_RANGE]: a TCP port for this job, the same in every task without talking,
+  # outside the kernel's ephemeral range (default 32768-60999), where any outgoing connection may
+  # already hold it. SALT varies it (the restart count: a requeued try gets a fresh port).
+  local range=${2:-} lo hi base=20000 span
+  [ -n "$range" ] || range=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo "32768 60999")
+  read -r lo hi <<<"$range"
+  if [ "$lo" -ge $((base + 1000)) ]; then
+    span=$((lo - base))  # below the ephemeral range: 20000-32767 by default
+  elif [ "$hi" -le 64535 ]; then
+    base=$((hi + 1)) span=$((65536 - hi - 1))  # above it
+  else
+    span=12768  # the range covers nearly every port: nothing is safe, keep the usual block
+    gm_log "warning: the ephemeral port range $lo-$hi leaves no free block; set MASTER_PORT" >&2
+  fi
+  echo $((base + (SLURM_JOB_ID * 7 + $1) % span))
 }
 
 gm_rendezvous() {
@@ -32,7 +65,7 @@ gm_rendezvous() {
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
   addr=$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
   export MASTER_ADDR=${addr:-$first}
-  export MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000))}
+  export MASTER_PORT=${MASTER_PORT:-$(gm_job_port "${SLURM_RESTART_COUNT:-0}")}
 }
 
 gm_check_gpus() {
@@ -99,7 +132,8 @@ gm_train_job() {
   exec >>"$logs/job.log" 2>&1
   gm_rendezvous
   gm_check_gpus
-  gm_log "$kind: config $config $*; ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NUM_NODES:-?} nodes; rank 0 at $MASTER_ADDR:$MASTER_PORT"
+  gm_log "$kind: config $config $*; ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NUM_NODES:-?} nodes, ${SLURM_CPUS_PER_TASK:-1} CPUs each; rank 0 at $MASTER_ADDR:$MASTER_PORT"
+  gm_log_network
   trap 'gm_forward USR1' USR1
   trap 'gm_forward TERM' TERM
   # --wait: once a rank has exited, the others get 120 s to follow before srun ends them (a crashed

@@ -14,7 +14,7 @@ gm_ray_start() {
   addr=${addr:-$head}
   ip=$(getent ahostsv4 "$addr" | awk '{print $1; exit}')  # Ray wants an IP, NodeAddr may be a name
   addr=${ip:-$addr}
-  port=${GM_RAY_PORT:-$((20000 + (SLURM_JOB_ID * 7 + 3) % 20000))}
+  port=${GM_RAY_PORT:-$(gm_job_port 3)}
   cpus=${SLURM_CPUS_ON_NODE:-1}
   tmp=${GM_RAY_TMPDIR:-/tmp/gm-ray-$SLURM_JOB_ID}  # short: Ray's unix socket paths must fit 107 bytes
   export GM_RAY_ADDRESS=$addr:$port

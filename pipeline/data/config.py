@@ -117,7 +117,9 @@ class LangIdConfig:
 # Per-language quality rules, after FineWeb-2: each rule section holds one settings entry per
 # language (keyed by lid.176 label); a document whose language has no entry passes that rule
 # untouched, and the report lists the languages each rule was not applied to. A `languages:`
-# mapping in YAML replaces the whole default table, so name every language to keep.
+# mapping in YAML (or a `...languages.zh.min_words=30` override) merges into the default table:
+# a given entry changes only the settings it names, a new code adds a language (its unnamed
+# settings are the class defaults, i.e. English ones), and `zh: null` removes a language.
 # The `en` entries are the published defaults. The `zh` entries follow FineWeb-2, which derives
 # each language's thresholds from statistics of its Wikipedia: bench/calibrate_rules.py measures
 # the zhwiki and enwiki samples (words split by jieba and by the English rules) and prints both

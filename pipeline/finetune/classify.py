@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, DataError
 from pipeline.finetune.config import ClassifySection
 from pipeline.finetune.records import read_text
-from pipeline.runtime.engine import IGNORE_INDEX, Engine
+from pipeline.runtime.engine import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 _MAX_LOGGED = 20
@@ -207,30 +206,3 @@ def majority_accuracy(items: list[Labeled]) -> float:
     """Accuracy of always predicting the most frequent class of `items` (the baseline to beat)."""
     counts = Counter(it.label for it in items)
     return max(counts.values()) / len(items) if items else 0.0
-
-
-class ClassifyEngine(Engine):
-    """The DeepSpeed engine with a classification loss: cross-entropy of (B, C) logits against (B,) labels."""
-
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.class_logits(batch)
-        return F.cross_entropy(
-            logits.float(), batch["labels"].to(self.device), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-
-    def class_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, num_labels) logits; a collective under ZeRO-3 (call on every rank)."""
-        inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
-        return self.ds(**inputs).logits
-
-    @torch.no_grad()
-    def eval_batch(self, batch: dict[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
-        """(loss sum, predicted class per row) without gradients."""
-        self.ds.eval()
-        try:
-            logits = self.class_logits(batch).float()
-        finally:
-            self.ds.train()
-        labels = batch["labels"].to(logits.device)
-        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return float(loss), logits.argmax(-1).cpu()

@@ -1,11 +1,12 @@
 """FinetuneConfig: the YAML schema of a fine-tuning run (`configs/finetune/*.yaml`).
 
-The batch, optimizer and parallelism sections are the shared runtime's (`pipeline/runtime/config.py`),
-so DeepSpeed settings come from one place. What is specific to fine-tuning: where the starting
-weights come from (`init_from`), the task (`sft` on instruction/chat data, or `classify` on
-labelled text, or `dpo` on preference pairs), the method (`full` weights or a peft method: LoRA,
-QLoRA, prefix tuning, prompt tuning, IA3), epochs instead of a token budget, and early stopping on a
-validation metric.
+The run, batch, optimizer and parallelism sections and the loop settings are the shared
+runtime's (`pipeline/runtime/config.py`), so DeepSpeed and loop settings come from one place.
+What is specific to fine-tuning: where the starting weights come from (`init_from`), the task
+(`sft` on instruction/chat data, `classify` on labelled text, or `dpo` on preference pairs), the
+method (`full` weights or a peft method: LoRA, QLoRA, prefix tuning, prompt tuning, IA3), epochs
+instead of a token budget, and early stopping on a validation metric by default (the best
+checkpoint is the one exported).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import ConfigError
-from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
+from pipeline.runtime.config import BatchConfig, LoopConfig, OptimConfig, ParallelConfig, RunConfig
 
 # What today's fine-tuning loop runs; the one loop (issue 15) wires the rest and drops this guard.
 LOOP_TASKS = ("sft", "classify")
@@ -23,15 +24,9 @@ LOOP_METHODS = ("full", "lora")
 
 
 @dataclass
-class FtRunConfig:
+class FtRunConfig(RunConfig):
     name: str = "sft"
-    """Run name; outputs go to `<dir>/<name>/`."""
-    dir: Path = Path("runs")
-    """Folder holding run directories."""
-
-    def validate(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
+    """Run name; outputs go to `<dir>/<name>/`. Starting a run whose folder has a checkpoint resumes it."""
 
 
 @dataclass
@@ -63,43 +58,29 @@ class SFTDataConfig:
 
 
 @dataclass
-class FtTrainConfig:
+class FtTrainConfig(LoopConfig):
+    """The shared loop settings plus fine-tuning's epochs and eval size."""
+
+    eval_every: int = 0
+    """Steps between validation passes; 0 = only at the end."""
+    early_stop_metric: Literal["eval_loss", "accuracy", "macro_f1"] = "eval_loss"
+    """Validation metric that picks the best checkpoint (lower is better for eval_loss, higher for
+    the others; accuracy and macro_f1 need task classify). The best checkpoint is the one exported."""
     epochs: int = 1
     """Passes over the train split (the last partial global batch of each epoch is dropped)."""
     max_steps: int | None = None
     """Optimizer steps to run instead of `epochs` (cycles through epochs as needed)."""
-    log_every: int = 10
-    """Optimizer steps between metrics.jsonl lines."""
-    eval_every: int = 0
-    """Optimizer steps between eval-loss passes on the valid split; 0 = only at the end."""
     eval_max_batches: int | None = None
     """Cap on micro batches per rank in one eval pass (None = the whole valid split)."""
-    early_stop_metric: Literal["eval_loss", "accuracy", "macro_f1"] = "eval_loss"
-    """Validation metric that picks the best checkpoint (lower is better for eval_loss, higher for
-    the others; accuracy and macro_f1 need task classify). The best checkpoint is the one exported."""
-    patience: int = 0
-    """Stop after this many evals in a row without improving the metric by `min_delta`; 0 = never
-    stop early (the best checkpoint is still the one kept and exported)."""
-    min_delta: float = 0.0
-    """Smallest change of the metric that counts as an improvement."""
 
     def validate(self) -> None:
+        super().validate()
         if self.epochs < 1:
             raise ConfigError("epochs", f"must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps", f"must be >= 1 or null, got {self.max_steps}")
-        for key in ("log_every", "eval_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.eval_max_batches is not None and self.eval_max_batches < 1:
             raise ConfigError("eval_max_batches", f"must be >= 1 or null, got {self.eval_max_batches}")
-        if self.patience < 0 or self.min_delta < 0:
-            key = "patience" if self.patience < 0 else "min_delta"
-            raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.patience and not self.eval_every:
-            raise ConfigError(
-                "patience", "early stopping needs evals during training: set train.eval_every > 0"
-            )
 
 
 @dataclass

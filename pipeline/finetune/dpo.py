@@ -182,7 +182,7 @@ def reference_logps(
                 table[index] = torch.stack([logps[:B], logps[B:]], dim=1).double().cpu()
     finally:
         model.train(was_training)
-    return dist.all_reduce_sum(table)
+    return dist.all_reduce_sum_(table)
 
 
 def reference_path(run_dir: Path, cfg: DPOSection) -> Path:
@@ -261,7 +261,7 @@ def ensure_reference(
 
     Whether the file exists is agreed by a sum over ranks, so ranks that see different filesystems
     fail here instead of diverging (one computing, one loading)."""
-    seen = int(dist.all_reduce_sum(torch.tensor([float(Path(path).is_file())]))[0])
+    seen = int(dist.sum_floats([float(Path(path).is_file())])[0])
     if 0 < seen < dist.world_size():
         raise CheckpointError(
             f"{path}: visible on {seen} of {dist.world_size()} ranks; put the run on a shared disk"

@@ -1,41 +1,35 @@
-"""The fine-tuning loop: `finetune(cfg)` from starting weights to an exported HF folder.
+"""Fine-tuning on the shared training loop: `finetune(cfg)`, from starting weights to an exported HF folder.
 
-Runs in every rank under the DeepSpeed launcher (or as one plain `python` process) and reads top
-to bottom: start the process group, get the starting weights as a Hugging Face folder (exporting a
-pretraining run's latest checkpoint when `init_from` is a run dir), build the task's data (SFT:
-masked, optionally packed token sequences; classify: labelled texts), build the model inside
-`Engine` (so ZeRO-3 partitions it while loading; LoRA wraps it in peft adapters first), then per
-optimizer step: this rank's micro batches, the loss normalised by the targets of the whole step
-on all ranks (tokens for SFT, examples for classify), one optimizer step; log every so often;
-every `eval_every` steps (and at the end) evaluate, save a checkpoint when the validation metric
-improved, and stop once it has not for `patience` evals. The best checkpoint is the one kept
-(`checkpoints/latest`, `best.json`) and exported on rank 0.
+What is fine-tuning's own: the starting weights as a Hugging Face folder (`init_from` itself, or a
+pretraining run's latest checkpoint exported once), the task built from `task:` (tasks.py: SFT or
+classification, its data encoded with the tokenizer beside those weights), the model loaded from
+that folder inside the engine (ZeRO-3 partitions it as it loads; LoRA wraps it in peft adapters
+first), the number of steps (`max_steps`, or epochs over the train split), and, once the run has
+completed, the export of its best checkpoint (early stopping on `early_stop_metric`) on rank 0.
+Everything else is the runtime's (pipeline/runtime/trainer.py and loop.py): a run whose folder has a
+checkpoint resumes from it (also when a Slurm job is requeued), SIGTERM/SIGUSR1 save and exit 75,
+the non-finite and spike guards, metrics, the report.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from pipeline import dist
-from pipeline.config import save_config
 from pipeline.errors import CheckpointError, DataError
-from pipeline.finetune import classify, sft
+from pipeline.finetune import sft
 from pipeline.finetune.adapters import apply_lora
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
-from pipeline.finetune.early_stop import EarlyStopper
 from pipeline.finetune.export import export_finetuned, model_config
-from pipeline.io import sha256_file, write_json
+from pipeline.finetune.tasks import FinetuneTask, build_task
+from pipeline.model.config import ModelConfig
+from pipeline.model.flops import flops_per_token
 from pipeline.runtime import checkpoint
-from pipeline.runtime.checkpoint import TrainerState
-from pipeline.runtime.engine import Engine, ds_config, init_distributed
-from pipeline.runtime.metrics import MetricsWriter
+from pipeline.runtime.trainer import Job, RunResult, run_training, write_status
 from pipeline.runtime.worker import exit_worker
 from pipeline.train.export import export_hf
 
@@ -44,67 +38,62 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@dataclass
-class FtData:
-    """Encoded splits (the same on every rank: each rank picks its own micro batches per step)."""
+def finetune(cfg: FinetuneConfig) -> RunResult:
+    """Fine-tune (or resume), then export the best checkpoint to `cfg.out_dir` once the run completed."""
+    result = run_training(cfg.run_dir, partial(prepare, cfg), cfg.parallel.collective_timeout_min)
+    if result.status != "completed":
+        return result  # preempted or stopped: the requeued / resumed run exports
+    task: FinetuneTask = result.job.task
+    tag = result.best_tag or checkpoint.latest_tag(cfg.run_dir)
+    try:
+        if dist.is_main():
+            export_finetuned(cfg, tag, task.init_dir, getattr(task, "labels", None), task.pad_id)
+        dist.barrier()
+    except Exception as exc:
+        write_status(
+            cfg.run_dir, {"status": "failed", "error": f"export of {tag}: {type(exc).__name__}: {exc}"}
+        )
+        raise
+    return result
 
-    train: list
-    valid: list
-    pad_id: int
-    counts: dict[str, int]
-    labels: list[str] | None = None
-    """classify: class names in id order."""
+
+def finetune_worker(cfg: FinetuneConfig) -> None:
+    """What `launch/finetune.py` runs on each rank: fine-tune, then exit with the run's status code
+    (0 done and exported, 75 stopped by a signal with a checkpoint, 3 non-finite steps); never returns."""
+    exit_worker(finetune(cfg).exit_code)
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune, keep the best checkpoint and export it; returns the exported folder (on every rank)."""
-    init_distributed()  # before anything collective: rank 0 may export the init weights first
-    run_dir = cfg.run_dir
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+def prepare(cfg: FinetuneConfig) -> Job:
+    """The fine-tuning job: starting weights, the task's encoded data, and the model to load."""
     init_dir = prepare_init(cfg)
-    data = build_data(cfg, init_dir)
+    task = build_task(cfg, init_dir, load_tokenizer(init_dir))
     dp = cfg.parallel.dp_size(dist.world_size())
-    steps = total_steps(cfg, len(data.train), dp)
-    ds_cfg = ds_config(
-        batch=cfg.batch,
-        optim=cfg.optim,
-        parallel=cfg.parallel,
-        total_steps=steps,
-        world_size=dist.world_size(),
-    )
-    engine_cls = classify.ClassifyEngine if cfg.task == "classify" else Engine
-    engine = engine_cls(partial(load_model, cfg, init_dir, data.labels, data.pad_id), ds_cfg)
+    steps = total_steps(cfg, len(task.train), dp)
     log.info(
         "fine-tuning (%s, %s) %s for %d steps: %d train / %d valid, %d ranks (dp %d)",
         cfg.task,
         cfg.method,
         init_dir,
         steps,
-        len(data.train),
-        len(data.valid),
-        engine.world_size,
-        engine.dp_size,
+        len(task.train),
+        len(task.valid),
+        dist.world_size(),
+        dp,
     )
-    if dist.is_main():
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run starts over from init_from
-    metrics = MetricsWriter(run_dir)
-    try:
-        tag = train_loop(engine, cfg, data, steps, metrics)
-    finally:
-        metrics.close()
-    del engine  # export must not see the live ZeRO-3 context
-    if dist.is_main():
-        export_finetuned(cfg, tag, init_dir, data.labels, data.pad_id)
-    dist.barrier()
-    return cfg.out_dir
-
-
-def finetune_worker(cfg: FinetuneConfig) -> None:
-    """What `launch/finetune.py` runs on each rank: fine-tune, then exit cleanly (never returns)."""
-    finetune(cfg)
-    exit_worker(0)
+    return Job(
+        run_dir=cfg.run_dir,
+        config=cfg,
+        seed=cfg.run.seed,
+        batch=cfg.batch,
+        optim=cfg.optim,
+        parallel=cfg.parallel,
+        loop=cfg.train,
+        max_steps=steps,
+        task=task,
+        model_fn=partial(load_model, cfg, init_dir, getattr(task, "labels", None), task.pad_id),
+        flops_per_token=_flops_per_token(init_dir, cfg.data.seq_len),
+        name=cfg.run.name,
+    )
 
 
 def prepare_init(cfg: FinetuneConfig) -> Path:
@@ -126,9 +115,6 @@ def prepare_init(cfg: FinetuneConfig) -> Path:
     return target
 
 
-# ---------------------------------------------------------------- data and model
-
-
 def load_tokenizer(init_dir: Path):
     """The tokenizer saved beside the weights; DataError when it has more tokens than the model."""
     from transformers import AutoConfig, AutoTokenizer
@@ -141,51 +127,6 @@ def load_tokenizer(init_dir: Path):
             f"{init_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}"
         )
     return tokenizer
-
-
-def build_data(cfg: FinetuneConfig, init_dir: Path) -> FtData:
-    """Load, split and tokenize the task's data with the tokenizer saved beside the weights."""
-    tokenizer = load_tokenizer(init_dir)
-    data = build_classify_data(cfg, tokenizer) if cfg.task == "classify" else build_sft_data(cfg, tokenizer)
-    if sft.steps_per_epoch(len(data.train), cfg.batch.global_size) < 1:
-        raise DataError(
-            f"{cfg.data.path}: {len(data.train)} usable train sequences, fewer than one global batch "
-            f"(batch.global_size={cfg.batch.global_size})"
-        )
-    log.info("data %s: %s", cfg.data.path, data.counts)
-    return data
-
-
-def build_sft_data(cfg: FinetuneConfig, tokenizer) -> FtData:
-    """Instruction/chat records -> encoded (and, with data.pack, packed) train and valid sequences."""
-    examples, bad = sft.load_examples(cfg.data.path)
-    if cfg.data.template == "chat" or any(isinstance(e, sft.Chat) for e in examples):
-        sft.check_chat_template(tokenizer, cfg.data.path)
-    train_ex, valid_ex = sft.split_examples(examples, cfg.data.valid_fraction, cfg.data.seed)
-    train, train_counts = sft.encode_examples(tokenizer, train_ex, cfg.data.seq_len, cfg.data.template)
-    valid, valid_counts = sft.encode_examples(tokenizer, valid_ex, cfg.data.seq_len, cfg.data.template)
-    counts = {"records": len(examples), **dict(bad + train_counts + valid_counts)}
-    if cfg.data.pack:
-        counts["train_examples_packed"] = len(train)
-        train = sft.pack(train, cfg.data.seq_len)  # valid stays unpacked: the same loss, simpler
-    return FtData(train, valid, sft.pad_id_of(tokenizer), counts)
-
-
-def build_classify_data(cfg: FinetuneConfig, tokenizer) -> FtData:
-    """Labelled rows -> class names and encoded train/valid examples."""
-    rows, bad = classify.load_rows(cfg.data.path, cfg.classify)
-    train_rows, valid_rows = sft.split_examples(
-        rows,
-        cfg.data.valid_fraction,
-        cfg.data.seed,
-        key=lambda r: r.text,  # same text, same split
-    )
-    labels = classify.label_names(cfg.classify, train_rows, cfg.data.path)
-    train, train_counts = classify.encode_rows(tokenizer, train_rows, labels, cfg.data.seq_len)
-    valid, valid_counts = classify.encode_rows(tokenizer, valid_rows, labels, cfg.data.seq_len)
-    counts = {"records": len(rows), **dict(bad + train_counts + valid_counts)}
-    counts["valid_majority_accuracy"] = classify.majority_accuracy(valid)
-    return FtData(train, valid, sft.pad_id_of(tokenizer), counts, labels)
 
 
 def total_steps(cfg: FinetuneConfig, num_train: int, dp_size: int) -> int:
@@ -212,128 +153,22 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
     return model
 
 
-# ---------------------------------------------------------------- the loop
+def _flops_per_token(init_dir: Path, seq_len: int) -> float:
+    """Training FLOPs per token of a Llama-shaped init model (0 when its config is of another shape)."""
+    from transformers import AutoConfig
 
-
-def train_loop(engine: Engine, cfg: FinetuneConfig, data: FtData, steps: int, metrics: MetricsWriter) -> str:
-    """Run up to `steps` optimizer steps with evals and early stopping; returns the kept checkpoint's tag."""
-    metrics.write(
-        {"event": "data", "train_examples": len(data.train), "valid_examples": len(data.valid), **data.counts}
-    )
-    state = TrainerState(manifest_fingerprint=sha256_file(cfg.data.path))  # the data this model was tuned on
-    stopper = EarlyStopper(cfg.train.early_stop_metric, cfg.train.patience, cfg.train.min_delta)
-    tag, t0 = None, time.perf_counter()
-    for step in range(steps):
-        loss, n_targets = train_step(engine, cfg, data, step)
-        state.step, state.consumed_samples = step + 1, (step + 1) * cfg.batch.global_size
-        state.consumed_tokens += n_targets
-        done = state.step
-        if cfg.train.log_every and (done % cfg.train.log_every == 0 or done in (1, steps)):
-            row = {"step": done, "loss": loss, "lr": engine.lr, "targets": state.consumed_tokens}
-            metrics.write({**row, "elapsed_s": round(time.perf_counter() - t0, 3)})
-            log.info("step %d/%d  loss %.4f  lr %.2e", done, steps, loss, engine.lr)
-        if not ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == steps):
-            continue
-        result = evaluate(engine, cfg, data)
-        if result is None:
-            continue
-        metrics.write({"step": done, **result})
-        log.info("step %d  eval %s", done, {k: round(v, 4) for k, v in result.items()})
-        if stopper.update(result[stopper.metric], done):
-            tag = checkpoint.save(engine, cfg.run_dir, state, keep_last=1)
-        if stopper.should_stop:
-            log.info(
-                "early stop at step %d: best %s %.4f at step %d",
-                done,
-                stopper.metric,
-                stopper.best,
-                stopper.best_step,
-            )
-            metrics.write({"event": "early_stop", "step": done, "best_step": stopper.best_step})
-            break
-    if tag is None:  # no valid split (or never a finite metric): keep the final weights
-        tag = checkpoint.save(engine, cfg.run_dir, state, keep_last=1)
-    if dist.is_main():
-        write_json(cfg.run_dir / "best.json", stopper.summary(tag, stopped_early=stopper.should_stop))
-    return tag
-
-
-def _tp(engine: Engine) -> int:
-    """Ranks sharing one batch (tensor parallel): sums over all ranks count their batch this often."""
-    return engine.world_size // engine.dp_size
-
-
-def collate(cfg: FinetuneConfig, data: FtData, items: list) -> dict[str, torch.Tensor]:
-    if cfg.task == "classify":
-        return classify.collate(items, cfg.data.seq_len, data.pad_id)
-    return sft.collate(items, cfg.data.seq_len, data.pad_id)
-
-
-def count_targets(cfg: FinetuneConfig, batch: dict[str, torch.Tensor]) -> int:
-    """Loss terms in a batch: examples (classify) or target tokens (sft)."""
-    return classify.target_count(batch) if cfg.task == "classify" else sft.target_tokens(batch)
-
-
-def train_step(engine: Engine, cfg: FinetuneConfig, data: FtData, step: int) -> tuple[float, int]:
-    """One optimizer step; returns (mean loss per target over all ranks, targets in the step)."""
-    micro = sft.train_micro_batches(
-        data.train,
-        step=step,
-        global_size=cfg.batch.global_size,
-        micro_size=cfg.batch.micro_size,
-        dp_rank=engine.dp_rank,
-        dp_size=engine.dp_size,
-        seed=cfg.data.seed,
-    )
-    batches = [collate(cfg, data, mb) for mb in micro]
-    local = torch.tensor([sum(count_targets(cfg, b) for b in batches), 0.0], dtype=torch.float64)
-    n_targets = float(dist.all_reduce_sum(local)[0]) / _tp(engine)
-    normalizer = max(n_targets, 1.0)  # a step of only-truncated prompts has no targets: no update
-    loss_sum = sum(engine.forward_backward(b, normalizer) for b in batches)
-    engine.step()
-    total = dist.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64))
-    return float(total[0]) / _tp(engine) / normalizer, int(n_targets)
-
-
-def _eval_batches(engine: Engine, cfg: FinetuneConfig, data: FtData):
-    batches = sft.eval_micro_batches(
-        data.valid, micro_size=cfg.batch.micro_size, dp_rank=engine.dp_rank, dp_size=engine.dp_size
-    )
-    for i, mb in enumerate(batches):
-        if cfg.train.eval_max_batches is not None and i >= cfg.train.eval_max_batches:
-            break
-        yield collate(cfg, data, mb)
-
-
-def evaluate(engine: Engine, cfg: FinetuneConfig, data: FtData) -> dict[str, float] | None:
-    """Validation metrics (all ranks take part); None when the valid split is empty."""
-    if not data.valid:
-        return None
-    if cfg.task == "classify":
-        return evaluate_classifier(engine, cfg, data)
-    sums = torch.zeros(2, dtype=torch.float64)  # (loss sum, target tokens)
-    for batch in _eval_batches(engine, cfg, data):
-        loss_sum, n = engine.eval_loss_sum(batch)
-        sums += torch.tensor([loss_sum, n], dtype=torch.float64)
-    dist.all_reduce_sum(sums)
-    if sums[1] == 0:
-        return None
-    loss = float(sums[0] / sums[1])
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def evaluate_classifier(
-    engine: classify.ClassifyEngine, cfg: FinetuneConfig, data: FtData
-) -> dict[str, float]:
-    """eval_loss (per example), accuracy and macro F1 over the valid split, summed over ranks."""
-    C = len(data.labels)
-    conf = torch.zeros((C, C), dtype=torch.float64)
-    loss = torch.zeros(1, dtype=torch.float64)
-    for batch in _eval_batches(engine, cfg, data):
-        loss_sum, preds = engine.eval_batch(batch)
-        conf += classify.confusion(preds, batch["labels"], C)
-        loss += loss_sum
-    dist.all_reduce_sum(conf)
-    dist.all_reduce_sum(loss)
-    conf, loss = conf / _tp(engine), loss / _tp(engine)
-    return {"eval_loss": float(loss[0] / conf.sum().clamp(min=1)), **classify.scores(conf)}
+    c = AutoConfig.from_pretrained(init_dir, local_files_only=True)
+    try:
+        mcfg = ModelConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            max_seq_len=seq_len,
+            tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        )
+    except AttributeError:
+        return 0.0
+    return flops_per_token(mcfg, seq_len)

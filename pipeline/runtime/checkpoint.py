@@ -3,9 +3,11 @@
 Layout under `runs/<name>/checkpoints/`:
     step_<N>/                    DeepSpeed's per-rank model/optimizer files (Engine.save)
     step_<N>/trainer_state.json  TrainerState: step, consumed samples/tokens, layout, counters,
-                                 LR schedule, loss scale, manifest fingerprint (rank 0)
-    step_<N>/rng_rank<R>.pt      each rank's torch/numpy/python(/cuda) RNG state (ZeRO-1/2 would
-                                 give every rank rank 0's client_state, so RNG lives in per-rank files)
+                                 LR schedule, loss scale, data fingerprint, early-stopping and
+                                 spike-guard state (rank 0)
+    step_<N>/rng_rank<R>.pt      each rank's torch/numpy/python(/cuda) RNG state as tensors and plain
+                                 numbers, loadable with weights_only=True (ZeRO-1/2 would give every
+                                 rank rank 0's client_state, so RNG lives in per-rank files)
     step_<N>/parity.pt           a fixed batch and the training model's logits on it (export checks them)
     universal_step_<N>/          step_<N> converted for another data-parallel size (made on demand)
     latest                       the tag of the newest complete checkpoint
@@ -46,7 +48,8 @@ class TrainerState:
     consumed_tokens: int = 0
     """Target tokens trained on (summed over ranks)."""
     manifest_fingerprint: str = ""
-    """sha256 of the token manifest the run trains on."""
+    """Fingerprint of the data the run trains on (the token manifest's sha256 for pretraining, the
+    data file's for fine-tuning); the name is kept so older checkpoints still resume."""
     world_size: int = 0
     dp_size: int = 0
     tp_size: int = 1
@@ -57,10 +60,16 @@ class TrainerState:
     nonfinite_in_row: int = 0
     loss_scale_skips: int = 0
     """fp16 steps skipped by the dynamic loss scaler (overflow at a finite loss)."""
+    spike_skips: int = 0
+    """Steps whose update the spike guard skipped (train.spike_skip)."""
     loss_scale: float = 1.0
     """The loss scale at save time (DeepSpeed restores the scaler itself; recorded for checks)."""
     lr_schedule: dict = field(default_factory=dict)
     """The schedule's settings: with `step` they determine every future LR."""
+    early_stop: dict = field(default_factory=dict)
+    """EarlyStopper state: best value, step and checkpoint tag, evals without improvement, history."""
+    spike: dict = field(default_factory=dict)
+    """SpikeGuard state: the loss and gradient-norm windows and the spike counts."""
 
 
 def ckpt_root(run_dir: Path) -> Path:
@@ -101,26 +110,54 @@ def clean_stale(run_dir: Path) -> int:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain numbers (so torch.load(weights_only=True) reads them)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss_next,
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(
-    engine, run_dir: Path, state: TrainerState, keep_last: int, extra: dict | None = None, faults=None
+    engine,
+    run_dir: Path,
+    state: TrainerState,
+    keep_last: int,
+    extra: dict | None = None,
+    faults=None,
+    keep: str | None = None,
 ) -> str:
     """Write checkpoints/step_<N> via a temp folder, then move `latest` and prune (collective).
 
-    `extra` maps file names to objects rank 0 saves with torch.save beside the trainer state.
+    `extra` maps file names to objects rank 0 saves with torch.save beside the trainer state;
+    `keep` names a checkpoint pruning spares (the best one) besides the newest `keep_last`.
     """
     root, tag = ckpt_root(run_dir), tag_for(state.step)
     tmp = TMP_PREFIX + tag
@@ -138,7 +175,7 @@ def save(
     dist.barrier()  # every rank's files are on disk before the folder is promoted
     if dist.is_main():
         _promote(root, tmp, tag)
-        prune(root, keep_last)
+        prune(root, keep_last, keep)
     dist.barrier()
     return tag
 
@@ -152,12 +189,15 @@ def _promote(root: Path, tmp: str, tag: str) -> None:
         fh.write(tag + "\n")
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete step folders other than the newest `keep_last` complete ones (and their universal copies)."""
+def prune(root: Path, keep_last: int, keep_tag: str | None = None) -> None:
+    """Delete step folders other than the newest `keep_last` complete ones and `keep_tag` (and their
+    universal copies)."""
     latest = (root / "latest").read_text().strip()
     latest_step = int(TAG_RE.match(latest).group(1))
     steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir())
     keep = set(sorted(s for s in steps if s <= latest_step)[-keep_last:])
+    if keep_tag and (m := TAG_RE.match(keep_tag)):
+        keep.add(int(m.group(1)))
     for s in steps:
         if s not in keep:
             shutil.rmtree(root / tag_for(s), ignore_errors=True)
@@ -172,8 +212,8 @@ def check_compatible(
     """CheckpointError naming what cannot change between a checkpoint and the run resuming it."""
     if saved.manifest_fingerprint != fingerprint:
         raise CheckpointError(
-            f"{where} was trained on a token manifest with fingerprint {saved.manifest_fingerprint[:12]}, "
-            f"the config's data.tokens now has {fingerprint[:12]}; use a new run.name"
+            f"{where} was trained on data with fingerprint {saved.manifest_fingerprint[:12]}, the "
+            f"config's data now has {fingerprint[:12]}; use a new run.name"
         )
     for key, was, now in (
         ("batch.global_size", saved.global_batch, global_batch),
@@ -217,7 +257,7 @@ def load(engine, run_dir: Path, tag: str, saved: TrainerState) -> TrainerState:
         )
     rng_file = root / tag / f"rng_rank{dist.rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         log.warning("%s missing: this rank's RNG starts fresh (the world size grew)", rng_file)
     return saved

@@ -1,4 +1,4 @@
-"""Config sections every training run shares: batch, optimizer, parallelism and the loop's settings.
+"""Config sections every training run shares: run, batch, optimizer, parallelism and the loop's settings.
 
 Pretraining (`pipeline/train/config.py`) and fine-tuning (`pipeline/finetune/config.py`) both
 build their run config from these sections, so DeepSpeed settings come from one place
@@ -8,6 +8,7 @@ build their run config from these sections, so DeepSpeed settings come from one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import ConfigError
@@ -59,6 +60,10 @@ class OptimConfig:
     run (raise max_steps and resume) without changing the LR of steps already planned."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 = no clipping."""
+    adam: Literal["torch", "deepspeed"] = "torch"
+    """AdamW kernel: `torch` (fused on CUDA, foreach on CPU; nothing to compile) or `deepspeed`
+    (FusedAdam on GPUs, CPU Adam on CPUs; compiled at first use, needs nvcc or a C++ compiler).
+    ZeRO-Offload (parallel.offload_optimizer) always steps with DeepSpeed's CPU Adam."""
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -94,8 +99,16 @@ class ParallelConfig:
     """fp16 only: steps without overflow before the loss scale doubles."""
     fp16_hysteresis: int = 2
     """fp16 only: overflows tolerated before the loss scale halves."""
+    reduce_fp32: bool = False
+    """Reduce gradients across data-parallel ranks in fp32 instead of the training precision (bf16/fp16):
+    exact sums at large data-parallel sizes, twice the bytes on the network."""
+    collective_timeout_min: float = 10.0
+    """Minutes a collective may wait for the slowest rank before the run fails (DeepSpeed's default 10);
+    raise it when rank 0 does long work the others wait for (a huge corpus's first checksum pass)."""
 
     def validate(self) -> None:
+        if self.collective_timeout_min <= 0:
+            raise ConfigError("collective_timeout_min", f"must be > 0, got {self.collective_timeout_min}")
         if self.tp_size < 1:
             raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
         if self.tp_size > 1 and self.zero_stage == 3:
@@ -132,23 +145,50 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainLoopConfig:
-    max_steps: int = 100
-    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+class RunConfig:
+    name: str = "tiny"
+    """Run name; outputs go to `<dir>/<name>/`. Starting a run whose folder has a checkpoint resumes it."""
+    dir: Path = Path("runs")
+    seed: int = 1234
+    """Seed of the weight init (new heads, adapters) and of torch/numpy/python RNGs (per rank: seed + rank)."""
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop's settings, the same for every task (`train:` in a run's YAML)."""
+
     log_every: int = 10
     """Steps between metrics.jsonl rows (and a log line)."""
     eval_every: int = 50
     """Steps between validation passes; 0 = only at the end."""
-    eval_batches: int = 4
-    """Global batches (batch.global_size sequences each) in one validation pass, from the start of
-    the valid split (unshuffled, wrapping around if it is shorter)."""
     save_every: int = 50
     """Steps between checkpoints; one is always written at the end. 0 = only at the end."""
     keep_last: int = 2
-    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    """Checkpoints kept on disk besides the best one (older ones are deleted after a newer one is complete)."""
     max_nonfinite: int = 3
     """Consecutive steps with a non-finite loss or gradient norm (each skipped and counted) after which
     the run saves a checkpoint, writes the offending sample indices and stops."""
+    spike_window: int = 128
+    """Loss-spike guard: steps of history (finite, non-spike steps) the z-scores of the loss and of the
+    gradient norm are taken over; no step is judged before the window is full. 0 = guard off."""
+    spike_zscore: float = 6.0
+    """A step whose loss (or gradient norm) is more than this many standard deviations above the
+    window's mean is a spike: logged and counted (`spikes_loss`, `spikes_grad_norm` in metrics.jsonl)."""
+    spike_skip: bool = False
+    """Also skip the update of a loss spike (decided before the optimizer step, on every rank; the
+    gradient-norm spike is only known after it, so it is logged and counted only)."""
+    early_stop_metric: str = ""
+    """Validation metric whose best checkpoint is kept on disk (besides `keep_last`) and recorded in
+    best.json; fine-tuning exports it. "" = none (pretraining's default)."""
+    patience: int = 0
+    """Stop after this many evals in a row without improving `early_stop_metric` by `min_delta`;
+    0 = never stop early."""
+    min_delta: float = 0.0
+    """Smallest change of the metric that counts as an improvement."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 = from the built-in table (device and precision),
     and "n/a" for devices it does not know."""
@@ -160,16 +200,26 @@ class TrainLoopConfig:
     """offline writes the W&B run under <run dir>/wandb for a later `wandb sync` (air-gapped clusters)."""
 
     def validate(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError("max_steps", f"must be >= 1, got {self.max_steps}")
         if self.peak_tflops < 0:
             raise ConfigError("peak_tflops", f"must be >= 0 (0 = from the table), got {self.peak_tflops}")
-        for key in ("log_every", "keep_last", "eval_batches", "max_nonfinite"):
+        for key in ("log_every", "keep_last", "max_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("eval_every", "save_every"):
+        for key in ("eval_every", "save_every", "spike_window", "patience", "min_delta"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.spike_window == 1:
+            raise ConfigError(
+                "spike_window", "must be 0 (off) or >= 2 (a standard deviation needs two steps)"
+            )
+        if self.spike_window and not self.spike_zscore > 0:
+            raise ConfigError("spike_zscore", f"must be > 0, got {self.spike_zscore}")
+        if self.patience and not self.early_stop_metric:
+            raise ConfigError("patience", "early stopping needs a metric: set train.early_stop_metric")
+        if self.patience and not self.eval_every:
+            raise ConfigError(
+                "patience", "early stopping needs evals during training: set train.eval_every > 0"
+            )
 
 
 def check_precision(precision: str) -> None:
@@ -180,6 +230,5 @@ def check_precision(precision: str) -> None:
         raise ConfigError(
             "parallel.precision",
             f"{precision} is not supported by this machine's DeepSpeed accelerator "
-            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32, or set GRISTMILL_CPU_FP16=emulate "
-            "to run the fp16 code path with emulated half matmuls (slow; for testing)",
+            "(on CPU fp16 needs AVX512-FP16/AMX-FP16); use bf16 or fp32",
         )

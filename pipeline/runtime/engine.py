@@ -1,23 +1,31 @@
 """Everything DeepSpeed-shaped: the config dict, the engine wrapper, checkpoint consolidation.
 
 This is the only module that imports deepspeed (lazily, so `--check` and tests of `ds_config`
-stay light). The training loops (pretraining and fine-tuning) see only `Engine`:
+stay light). The training loop (pipeline/runtime/loop.py) sees only `Engine`:
 
     engine = Engine(lambda: build_model(cfg), ds_config(batch=..., optim=..., parallel=...,
                                                       total_steps=..., world_size=...))
     for micro in micro_batches:                 # grad_accum of them
-        engine.forward_backward(micro, normalizer=targets_in_this_step_on_all_ranks)
+        loss = task.loss_sum(engine, micro)     # engine.forward(micro) inside; a device tensor
+        engine.backward(loss, normalizer=targets_in_this_step_on_all_ranks)
     engine.step()
 
 Batches follow transformers' conventions: `labels` has the shape of `input_ids`, -100 is ignored
-and the engine shifts it (position t predicts labels[t+1]). A batch may instead carry
+and the loss shifts it (position t predicts labels[t+1]). A batch may instead carry
 `shift_labels`, already aligned with the positions (what the packed pretraining loader yields,
 so no position is wasted). The LR is set before every optimizer step from the 'lr_schedule'
 entry of the config (see schedule.py); DeepSpeed's own scheduler is not used.
+
+An update can be skipped before it happens (`backward(..., skip=True)` on the step's last micro
+batch: non-finite loss, loss spike): ZeRO 1-3 and half precision check the gradients for inf/NaN
+and skip the step when they find one, so a skipped step poisons its last backward with NaN;
+ZeRO-0 in fp32 has no such check (DeepSpeed hands the gradients straight to torch's AdamW), so
+there the engine checks the gradients itself and keeps the optimizer from stepping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -28,14 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import dist
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
 from pipeline.runtime.schedule import make_lr_fn
 
 IGNORE_INDEX = -100
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # batch keys the model takes
 NO_DECAY_HINTS = ("norm", "bias")  # RMSNorm weights and biases get no weight decay
 
 
@@ -47,13 +55,16 @@ def ds_config(
     total_steps: int,
     world_size: int,
     load_universal: bool = False,
+    device: str | None = None,
 ) -> dict:
-    """The DeepSpeed config dict for these sections (pure: no processes, no device queries).
+    """The DeepSpeed config dict for these sections (pure: no processes).
 
-    `load_universal` makes the engine read a universal checkpoint (resume at another
+    `device` ("cuda" or "cpu") picks the optimizer kernel; None asks DeepSpeed which accelerator this
+    process uses. `load_universal` makes the engine read a universal checkpoint (resume at another
     data-parallel size). Unsupported combinations were refused by ParallelConfig.validate.
     """
     dp = parallel.dp_size(world_size)
+    device = device or accelerator_kind()
     cfg: dict = {
         # DeepSpeed counts every rank of an AutoTP group as if it had its own samples (they share one).
         "train_batch_size": batch.global_size * parallel.tp_size,
@@ -61,18 +72,9 @@ def ds_config(
         "gradient_accumulation_steps": batch.grad_accum(dp),
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": _zero_block(parallel),
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optim.lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-                # torch's AdamW: no 43 s JIT build of DeepSpeed's CPU Adam; Engine turns it off on GPUs.
-                # ZeRO-Offload needs DeepSpeed's CPU Adam (it steps on the host).
-                "torch_adam": not parallel.offload_optimizer,
-            },
-        },
+        "optimizer": _optimizer_block(optim, parallel, device),
+        # dtype of the gradient reduce(-scatter) across data-parallel ranks
+        "communication_data_type": "fp32" if parallel.reduce_fp32 else parallel.precision,
         "steps_per_print": 2**31 - 1,  # our metrics.jsonl is the log; DeepSpeed's prints are noise
         "wall_clock_breakdown": False,
         # Ours, not DeepSpeed's: Engine pops it and sets the LR per step (schedule.lr_at).
@@ -93,6 +95,37 @@ def ds_config(
     if load_universal:
         cfg["checkpoint"] = {"load_universal": True}
     return cfg
+
+
+def _optimizer_block(optim: OptimConfig, parallel: ParallelConfig, device: str) -> dict:
+    """AdamW: torch's by default (fused CUDA kernel on GPUs, foreach on CPUs: nothing to compile), or
+    DeepSpeed's (`optim.adam: deepspeed`: FusedAdam on GPUs, CPU Adam on CPUs, built just in time with
+    nvcc or a C++ compiler). ZeRO-Offload always uses DeepSpeed's CPU Adam: it steps on the host."""
+    params: dict = {
+        "lr": optim.lr,
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    deepspeed_adam = optim.adam == "deepspeed" or parallel.offload_optimizer
+    params["torch_adam"] = not deepspeed_adam
+    if not deepspeed_adam and device == "cuda":
+        params["fused"] = True  # passed on to torch.optim.AdamW
+    return {"type": "AdamW", "params": params}
+
+
+def accelerator_kind() -> str:
+    """The kind of DeepSpeed accelerator this process would use: "cuda" or "cpu"."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "cpu" if get_accelerator().device_name() == "cpu" else "cuda"
+
+
+def dp_coords(rank: int, world_size: int, tp_size: int = 1) -> tuple[int, int]:
+    """(dp_rank, dp_size) of a global rank: AutoTP makes groups of consecutive ranks, which share a batch."""
+    if tp_size < 1 or world_size % tp_size:
+        raise ConfigError("parallel.tp_size", f"must divide the world size {world_size}, got {tp_size}")
+    return rank // tp_size, world_size // tp_size
 
 
 def _zero_block(parallel: ParallelConfig) -> dict:
@@ -124,32 +157,14 @@ def _precision_block(parallel: ParallelConfig) -> dict:
 
 
 def precision_supported(precision: str) -> bool:
-    """Whether this machine's DeepSpeed accelerator trains in `precision` (fp16 fails on most CPUs,
-    unless GRISTMILL_CPU_FP16=emulate asks for the emulated path, see _emulate_cpu_fp16)."""
+    """Whether this machine's DeepSpeed accelerator trains in `precision` (fp16 fails on most CPUs)."""
     if precision == "fp32":
         return True
     _quiet()
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    if precision == "bf16":
-        return bool(acc.is_bf16_supported())
-    return bool(acc.is_fp16_supported()) or (acc.device_name() == "cpu" and _cpu_fp16_emulation())
-
-
-def _cpu_fp16_emulation() -> bool:
-    return os.environ.get("GRISTMILL_CPU_FP16", "") == "emulate"
-
-
-def _emulate_cpu_fp16(acc) -> None:
-    """Let DeepSpeed's CPU accelerator run fp16 on a CPU without AVX512-FP16/AMX-FP16.
-
-    torch emulates the half matmuls (2.5-3x slower than fp32), which is enough to exercise the
-    fp16 path (dynamic loss scaling, overflow skips) in CPU tests. Never on by default.
-    """
-    cls = type(acc)
-    cls.is_fp16_supported = lambda self: True
-    cls.supported_dtypes = lambda self: [torch.float, torch.bfloat16, torch.float16]
+    return bool(acc.is_bf16_supported() if precision == "bf16" else acc.is_fp16_supported())
 
 
 def _quiet() -> None:
@@ -168,12 +183,21 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def init_distributed() -> None:
-    """Start the process group once; a plain `python` run becomes a 1-rank group on a free port."""
+def init_distributed(timeout_min: float | None = None) -> None:
+    """Start the process group once; a plain `python` run becomes a 1-rank group on a free port.
+
+    Collectives time out after `timeout_min` minutes (parallel.collective_timeout_min; DeepSpeed's 10
+    when None). Refuses DeepSpeed's CPU accelerator on a node that shows GPUs (check_accelerator); on
+    CPU ranks, prepares DeepSpeed's shared-memory collective op or falls back to gloo's own.
+    """
+    import datetime
+
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
+    _quiet()
+    check_accelerator()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -181,10 +205,96 @@ def init_distributed() -> None:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
-    deepspeed.init_distributed(verbose=False)
+    if accelerator_kind() == "cpu":
+        _cpu_collective_op()
+    timeout = {} if timeout_min is None else {"timeout": datetime.timedelta(minutes=timeout_min)}
+    deepspeed.init_distributed(verbose=False, **timeout)
+    dist.init_side_group()  # the gloo group for CPU metadata when the main group is NCCL
 
 
-_init_distributed = init_distributed  # the name fine-tuning first imported
+def visible_gpus() -> tuple[int, str]:
+    """(GPUs this node shows, where that was seen): CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`."""
+    import shutil
+    import subprocess
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [x for x in visible.split(",") if x.strip() and x.strip() not in ("-1", "NoDevFiles")]
+        return len(ids), f"CUDA_VISIBLE_DEVICES={visible}"
+    if not shutil.which("nvidia-smi"):
+        return 0, ""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0, ""
+    return sum(line.startswith("GPU ") for line in out.splitlines()), "nvidia-smi -L"
+
+
+def check_accelerator() -> None:
+    """ConfigError when DeepSpeed would train on the CPU of a node with GPUs (a CPU build of torch, or
+    a driver torch cannot use), unless DS_ACCELERATOR=cpu asks for the CPU."""
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu" or accelerator_kind() != "cpu":
+        return
+    gpus, seen = visible_gpus()
+    if gpus:
+        why = (
+            "it is a CPU build" if not torch.version.cuda else "it cannot use them (driver or CUDA mismatch?)"
+        )
+        raise ConfigError(
+            "DS_ACCELERATOR",
+            f"this node shows {gpus} GPU(s) ({seen}) but torch {torch.__version__} would train on the CPU: "
+            f"{why}. Install the CUDA build (bash launch/setup.sh --cuda), or set DS_ACCELERATOR=cpu to "
+            "train on the CPU on purpose",
+        )
+
+
+STALE_BUILD_LOCK_S = 600  # a JIT build holds its lock for 30 s to a few minutes; older is a killed build's
+
+
+def _cpu_collective_op() -> None:
+    """Load DeepSpeed's shared-memory collective op for CPU ranks (compiling it the first time), or, when
+    it cannot be built (no compiler, a failed or abandoned build), make DeepSpeed use gloo's own
+    collectives, with one warning on rank 0 saying what that costs."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    if dist.world_size() == 1:  # no peer to talk to: neither build the op nor wait for its build
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+        return
+    reason = _stale_build_lock(builder.name)
+    if reason is None:
+        try:
+            builder.load(verbose=False)  # DeepSpeed's own call later finds it loaded
+            return
+        except Exception as exc:  # noqa: BLE001  any build failure (CalledProcessError, RuntimeError, OSError)
+            reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False  # DeepSpeed's build_shm_op then returns None
+    if dist.rank() == 0:
+        logging.getLogger(__name__).warning(
+            "CPU collectives: DeepSpeed's shared-memory op could not be built (%s); using gloo's own "
+            "all-reduce and all-gather instead (through the loopback network: slower between ranks on "
+            "one machine, same results). Install a C++ compiler to get the op.",
+            reason,
+        )
+
+
+def _stale_build_lock(name: str) -> str | None:
+    """Why waiting for the op's build would hang: its lock file left by a killed build; None if free."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):
+        return None
+    if age < STALE_BUILD_LOCK_S:
+        return None  # another rank or process is building it: wait for that build
+    return f"{lock} is {age / 60:.0f} min old, left by a build that was killed; delete it to build again"
 
 
 def _share_cpu_threads() -> None:
@@ -233,10 +343,6 @@ class Engine:
         acc = get_accelerator()
         if acc.device_name() == "cpu":
             _share_cpu_threads()
-            if "fp16" in ds_cfg and not acc.is_fp16_supported() and _cpu_fp16_emulation():
-                _emulate_cpu_fp16(acc)  # before zero.Init picks the dtype
-        else:
-            ds_cfg["optimizer"]["params"]["torch_adam"] = False  # DeepSpeed's fused Adam is faster on GPUs
         # transformers keeps only a weak reference: this object must outlive model construction,
         # or from_config/from_pretrained silently builds the full model on every rank. Under ZeRO-3
         # it makes from_config run inside deepspeed.zero.Init: weights are born partitioned.
@@ -254,10 +360,12 @@ class Engine:
         self.device = torch.device(acc.current_device_name())
         self.tp_size = ds_cfg.get("tensor_parallel", {}).get("autotp_size", 1)
         self.world_size = dist.world_size()
-        self.dp_size = self.world_size // self.tp_size
-        self.dp_rank = dist.rank() // self.tp_size  # AutoTP groups consecutive ranks; they share a batch
+        self.dp_rank, self.dp_size = dp_coords(dist.rank(), self.world_size, self.tp_size)
         self.grad_accum = self.ds.gradient_accumulation_steps()
         self.zero_stage = int(ds_cfg["zero_optimization"]["stage"])
+        # DeepSpeed checks gradients for inf/NaN (and skips the step) under ZeRO >= 1 or bf16/fp16.
+        self._checks_overflow = self.zero_stage > 0 or "bf16" in ds_cfg or "fp16" in ds_cfg
+        self._skip = False
 
     @property
     def module(self) -> torch.nn.Module:
@@ -283,80 +391,90 @@ class Engine:
             getattr(self.ds.optimizer, "cur_scale", None) or getattr(self.ds.optimizer, "loss_scale", 1.0)
         )
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of next-token cross-entropy over the batch's target tokens (fp32). The hook for other
-        heads: a subclass overrides it (fine-tuning's classification engine does) and keeps step/eval."""
-        inputs = {
-            k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch
-        }
-        logits = self.ds(**inputs).logits  # (B, T, vocab)
-        if "shift_labels" in batch:
-            targets = batch["shift_labels"]
-        else:
-            logits, targets = logits[:, :-1], batch["labels"][:, 1:]
-        return F.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)),
-            targets.to(self.device).reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` on this rank's device."""
+        return t.to(self.device, non_blocking=True)
 
-    def forward_backward(
-        self, batch: dict[str, torch.Tensor], normalizer: float, poison: bool = False
-    ) -> float:
-        """Backward of (this micro batch's token-loss sum / normalizer); returns the unscaled sum.
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """The model's output (transformers' ModelOutput) on the batch's model inputs, moved to the
+        device; a collective under ZeRO-3 and TP (every rank calls it, the same number of times)."""
+        inputs = {k: self.to_device(batch[k]) for k in MODEL_INPUTS if k in batch}
+        return self.ds(**inputs)
 
-        `normalizer` is the number of target tokens in the whole optimizer step on all ranks.
-        `poison` multiplies the loss by NaN (fault injection for tests of the non-finite path).
+    def backward(self, loss_sum: torch.Tensor, normalizer: float, *, skip: bool = False) -> None:
+        """Backward of (loss_sum / normalizer); `normalizer` counts the targets of the whole
+        optimizer step on all ranks, so the accumulated gradient is exactly d(mean loss)/d(w).
+
+        `skip` (on the step's last micro batch, the same on every rank) makes the next step() leave
+        the weights and the optimizer state untouched.
         """
-        loss_sum = self.loss_sum(batch)
-        if poison:
-            loss_sum = loss_sum * float("nan")
+        if skip and self._checks_overflow:
+            loss_sum = loss_sum * float("nan")  # DeepSpeed finds the NaN gradients and skips the step
+        self._skip = skip
         # DeepSpeed divides by grad_accum in backward() and averages gradients over dp ranks;
         # multiplying back makes the accumulated gradient exactly d(sum of losses / normalizer).
         scale = self.grad_accum * self.dp_size / float(normalizer)
         self.ds.backward(loss_sum * scale)
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # bookkeeping only: advances DeepSpeed's micro-step counter
-        return float(loss_sum.detach())
 
     def step(self) -> StepResult:
-        """Set this step's LR, clip, and apply the optimizer (after grad_accum forward_backward calls).
+        """Set this step's LR, clip, and apply the optimizer (after grad_accum backward calls).
 
-        ZeRO (every stage, every precision here) skips the update when the global gradient norm is
-        inf/NaN, agreed over all ranks; under fp16 that is also how loss-scale overflows are skipped.
+        ZeRO 1-3 and half precision skip the update when the global gradient norm is inf/NaN,
+        agreed over all ranks (under fp16 that is also how loss-scale overflows are skipped);
+        ZeRO-0 fp32 does the same here (`_unchecked_skip`, `_optimizer_frozen`).
         """
         if not self.ds.is_gradient_accumulation_boundary():
-            raise RuntimeError(f"step() needs {self.grad_accum} forward_backward calls first")
+            raise RuntimeError(f"step() needs {self.grad_accum} backward calls first")
         if self._lr_fn is not None:
             lr = self._lr_fn(self.global_steps)
             for group in self.ds.optimizer.param_groups:
                 group["lr"] = lr
         scale = self.loss_scale  # the scale this step's gradients were computed with
-        self.ds.step()
+        skipped = False if self._checks_overflow else self._unchecked_skip()
+        with self._optimizer_frozen(skipped):
+            self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        return StepResult(applied=bool(self.ds.was_step_applied()), grad_norm=norm, loss_scale=scale)
+        applied = bool(self.ds.was_step_applied()) and not skipped
+        return StepResult(applied=applied, grad_norm=norm, loss_scale=scale)
 
-    @torch.no_grad()
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-        """(token-loss sum, target tokens) of one batch, without gradients; call on every rank."""
+    def _unchecked_skip(self) -> bool:
+        """ZeRO-0 fp32: whether to skip this step (asked to, or an inf/NaN gradient on any rank)."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())  # one sync
+        return bool(dist.max_floats([float(self._skip or not finite)])[0])
+
+    @contextlib.contextmanager
+    def _optimizer_frozen(self, frozen: bool):
+        """While `frozen`, the optimizer's own step() does nothing: DeepSpeed still clips, zeroes the
+        gradients and counts the step, but weights, moments and Adam's step count stay as they were."""
+        if not frozen:
+            yield
+            return
+        opt = self.ds.optimizer
+        opt.step = lambda *args, **kwargs: None  # an instance attribute shadows the class's step()
+        try:
+            yield
+        finally:
+            del opt.step
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode without gradients for the block (validation, parity logits); train mode after."""
         self.ds.eval()
         try:
-            loss_sum = self.loss_sum(batch)
+            with torch.no_grad():
+                yield self
         finally:
             self.ds.train()
-        targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"][:, 1:]
-        return float(loss_sum), int((targets != IGNORE_INDEX).sum())
 
-    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """fp32 logits (B, T, vocab) on the CPU, in eval mode; collective under ZeRO-3 and TP."""
-        self.ds.eval()
-        try:
-            return self.ds(input_ids=input_ids.to(self.device)).logits.float().cpu()
-        finally:
-            self.ds.train()
+        """fp32 logits on the CPU ((B, T, vocab), or (B, classes) for a classifier), in eval mode;
+        collective under ZeRO-3 and TP."""
+        with self.evaluating():
+            return self.forward({"input_ids": input_ids}).logits.float().cpu()
 
     def layout(self) -> dict[str, list[int]]:
         """Each parameter's shape on this rank: the AutoTP shard, or the full shape under ZeRO-3."""
@@ -374,8 +492,13 @@ class Engine:
         """Restore weights, optimizer and step count from root/tag; returns this rank's client state."""
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
-        # DeepSpeed's universal-checkpoint load copies param group 0's hyperparameters onto every
-        # group, which would give norms and biases weight decay; the groups' own values are restored.
+        # Workaround 1 (DeepSpeed 0.19.8, ZeRO-3 universal load: stage3.py
+        # load_hp_checkpoint_state_from_checkpoint_dir_stage3, "the hyperparameters of each parameter
+        # should be the same"): param group 0's saved hyperparameters are copied onto every group, which
+        # would give norms and biases weight decay, so the groups' own values are put back. The load came
+        # with https://github.com/deepspeedai/DeepSpeed/pull/5475; several param groups became
+        # convertible only with https://github.com/deepspeedai/DeepSpeed/pull/7585 (issue #7584), and the
+        # load still assumes one. tests/test_runtime_upstream.py fails once DeepSpeed keeps each group's.
         decays = [g.get("weight_decay") for g in self.ds.optimizer.param_groups]
         try:
             path, client_state = self.ds.load_checkpoint(str(root), tag=tag)
@@ -390,11 +513,13 @@ class Engine:
 
 
 def _unshare_adam_steps(zero_optimizer) -> None:
-    """Give every parameter group its own Adam step tensor.
+    """Give every parameter group its own Adam step tensor (workaround 2 of Engine.load).
 
-    DeepSpeed's ZeRO-3 universal load assigns one step tensor to all groups; torch's AdamW
-    increments it in place once per group, so the bias correction would run ahead by a step per
-    group and per update.
+    DeepSpeed's ZeRO-3 universal load (DeepSpeed 0.19.8, stage3.py, `state[fp32_param]['step'] =
+    state_step` for every sub-group; the restored step came with
+    https://github.com/deepspeedai/DeepSpeed/pull/5289) assigns one step tensor to all groups; torch's
+    AdamW increments it in place once per group, so the bias correction would run ahead by a step per
+    group and per update. tests/test_runtime_upstream.py fails once the tensors come back separate.
     """
     inner = getattr(zero_optimizer, "optimizer", zero_optimizer)
     for st in getattr(inner, "state", {}).values():

@@ -8,8 +8,10 @@ REQUEUE_EXIT_CODE, which a Slurm script (or `RequeueExit=75` in slurm.conf) turn
 the run directory's `status.json` says the same for launchers that mangle exit codes.
 
 `GRISTMILL_FAULTS` injects failures for tests (never set it in production), e.g.
-`nan_steps=3,5;nan_rank=1;crash_save_step=4;step_sleep=0.2`:
+`nan_steps=3,5;nan_rank=1;spike_steps=6;spike_scale=1000;crash_save_step=4;step_sleep=0.2`:
   nan_steps        1-based optimizer steps whose loss is multiplied by NaN (on nan_rank, default 0)
+  spike_steps      1-based optimizer steps whose loss is multiplied by spike_scale (default 1000) on
+                   nan_rank: a loss spike for the spike guard
   crash_save_step  rank nan_rank dies with os._exit(CRASH_EXIT_CODE) while that step's checkpoint is
                    being written (after its files, before `latest` moves)
   step_sleep       seconds to sleep after each step (gives a test time to send a signal)
@@ -24,8 +26,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from pipeline import dist
 
@@ -55,7 +55,7 @@ class StopRequest:
 
     def agreed(self) -> int:
         """The signal number any rank received (0: none), the same on every rank."""
-        return int(dist.all_reduce_max(torch.tensor([self.signum], dtype=torch.int64))[0])
+        return int(dist.max_floats([self.signum])[0])
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -67,6 +67,8 @@ class Faults:
     """Injected failures (parsed from GRISTMILL_FAULTS); all off by default."""
 
     nan_steps: set[int] = field(default_factory=set)
+    spike_steps: set[int] = field(default_factory=set)
+    spike_scale: float = 1000.0
     nan_rank: int = 0
     crash_save_step: int = 0
     step_sleep: float = 0.0
@@ -77,21 +79,25 @@ class Faults:
         out = cls()
         for item in filter(None, (p.strip() for p in spec.split(";"))):
             key, _, value = item.partition("=")
-            if key == "nan_steps":
-                out.nan_steps = {int(v) for v in value.split(",") if v}
+            if key in ("nan_steps", "spike_steps"):
+                setattr(out, key, {int(v) for v in value.split(",") if v})
             elif key in ("nan_rank", "crash_save_step"):
                 setattr(out, key, int(value))
-            elif key == "step_sleep":
-                out.step_sleep = float(value)
+            elif key in ("step_sleep", "spike_scale"):
+                setattr(out, key, float(value))
             else:
                 raise ValueError(f"GRISTMILL_FAULTS: unknown fault {key!r} in {spec!r}")
         if spec:
             log.warning("fault injection is on: %s", out)
         return out
 
-    def poison(self, step: int) -> bool:
-        """Whether this rank makes the loss of (1-based) optimizer step `step` NaN."""
-        return step in self.nan_steps and dist.rank() == self.nan_rank
+    def loss_factor(self, step: int) -> float:
+        """What this rank multiplies the loss of (1-based) optimizer step `step` by: 1, NaN or a spike."""
+        if dist.rank() != self.nan_rank:
+            return 1.0
+        if step in self.nan_steps:
+            return float("nan")
+        return self.spike_scale if step in self.spike_steps else 1.0
 
     def crash_in_save(self, step: int) -> None:
         if self.crash_save_step == step and dist.rank() == self.nan_rank:

@@ -1,7 +1,7 @@
 """PretrainConfig (the YAML of `configs/pretrain/*.yaml`) and `resolve()`, which derives the rest.
 
-Sections `BatchConfig`, `OptimConfig`, `ParallelConfig` and `TrainLoopConfig` are the shared
-runtime's (`pipeline/runtime/config.py`). The model
+Sections `RunConfig`, `BatchConfig`, `OptimConfig`, `ParallelConfig` and the loop settings
+`TrainLoopConfig` builds on are the shared runtime's (`pipeline/runtime/config.py`). The model
 is given as `model.file` (a `configs/model/*.yaml`) plus `model.overrides` (field -> value), e.g.
 
     model:
@@ -20,29 +20,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import load_config, origin
 from pipeline.errors import ConfigError
 from pipeline.model.config import ModelConfig
 from pipeline.runtime.config import (
     BatchConfig,
+    LoopConfig,
     OptimConfig,
     ParallelConfig,
-    TrainLoopConfig,
+    RunConfig,
     check_precision,
 )
-
-
-@dataclass
-class RunConfig:
-    name: str = "tiny"
-    """Run name; outputs go to `<dir>/<name>/`. Starting a run whose folder has a checkpoint resumes it."""
-    dir: Path = Path("runs")
-    seed: int = 1234
-    """Seed of the weight init and of torch/numpy/python RNGs (per rank: seed + rank)."""
-
-    def validate(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
 
 
 @dataclass
@@ -82,6 +70,23 @@ class ModelRef:
     """A configs/model/*.yaml (ModelConfig); None = ModelConfig's defaults."""
     overrides: dict[str, int | float | bool] = field(default_factory=dict)
     """ModelConfig fields to change on top of `file`, e.g. {hidden_size: 128}."""
+
+
+@dataclass
+class TrainLoopConfig(LoopConfig):
+    """The shared loop settings plus pretraining's step budget and validation size."""
+
+    max_steps: int = 100
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    eval_batches: int = 4
+    """Global batches (batch.global_size sequences each) in one validation pass, from the start of
+    the valid split (unshuffled, wrapping around if it is shorter)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("max_steps", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -132,18 +137,34 @@ class ResolvedPretrainConfig:
 
 
 def load_model_config(ref: ModelRef) -> ModelConfig:
-    """ModelConfig from `ref.file` plus `ref.overrides`, checked like any config file."""
+    """ModelConfig from `ref.file` plus `ref.overrides`, checked like any config file; an error in an
+    override names where `model.overrides` was set (the run's config or the command line), not the
+    model file."""
     # json.dumps gives YAML-parsable scalars (true, 1e-05, 128) for load_config's override syntax.
     overrides = [f"{k}={json.dumps(v)}" for k, v in ref.overrides.items()]
     try:
         return load_config(ModelConfig, ref.file, overrides)
     except ConfigError as exc:
-        key = f"model.overrides.{exc.key}" if exc.key in ref.overrides else f"model.{exc.key}"
-        raise ConfigError(key, exc.msg, exc.file) from None
+        if exc.key.split(".")[0] in ref.overrides:
+            raise ConfigError(
+                f"model.overrides.{exc.key}", exc.msg, origin(ref, f"overrides.{exc.key}")
+            ) from None
+        raise ConfigError(f"model.{exc.key}", exc.msg, exc.file) from None
 
 
-def resolve(cfg: PretrainConfig, world_size: int, *, check_device: bool = True) -> ResolvedPretrainConfig:
-    """Derive the batch arithmetic, vocab and model size; ConfigError naming the key on any conflict."""
+def model_error(cfg: PretrainConfig, key: str, msg: str) -> ConfigError:
+    """A ConfigError about a model field: named as the override when model.overrides set it, else
+    in the model file that set it (or the run's config, which names that file)."""
+    if key in cfg.model.overrides:
+        return ConfigError(f"model.overrides.{key}", msg, origin(cfg.model, f"overrides.{key}"))
+    return ConfigError(f"model.{key}", msg, str(cfg.model.file) if cfg.model.file else None)
+
+
+def resolve(
+    cfg: PretrainConfig, world_size: int, *, check_device: bool = True, tokenizer: dict | None = None
+) -> ResolvedPretrainConfig:
+    """Derive the batch arithmetic, vocab and model size; ConfigError naming the key on any conflict.
+    `tokenizer` is the manifest's tokenizer section (None: read data.tokens/manifest.json)."""
     from pipeline.data.manifest import load_manifest  # the trainer's only link to data prep
     from pipeline.model.flops import flops_per_token, num_params
 
@@ -152,17 +173,19 @@ def resolve(cfg: PretrainConfig, world_size: int, *, check_device: bool = True) 
         raise ConfigError(
             "data.seq_len", f"must be <= model.max_seq_len ({model.max_seq_len}), got {cfg.data.seq_len}"
         )
-    tok = load_manifest(cfg.data.tokens)["tokenizer"]
+    tok = tokenizer or load_manifest(cfg.data.tokens)["tokenizer"]
     if model.vocab_size and model.vocab_size != tok["vocab_size"]:
-        raise ConfigError(
-            "model.vocab_size",
-            f"is {model.vocab_size} but the tokenizer in {cfg.data.tokens}/manifest.json has "
+        raise model_error(
+            cfg,
+            "vocab_size",
+            f"is {model.vocab_size} but the tokenizer ({tok['path'] or cfg.data.tokens}) has "
             f"{tok['vocab_size']}; set it to 0 to take the tokenizer's",
         )
     model.vocab_size = tok["vocab_size"]
     if cfg.parallel.tp_size > 1 and model.tie_embeddings:
-        raise ConfigError(
-            "model.tie_embeddings",
+        raise model_error(
+            cfg,
+            "tie_embeddings",
             "AutoTP splits lm_head over the vocabulary, and a tied embedding would be split with it "
             "(wrong logits); with parallel.tp_size > 1 set tie_embeddings: false, or use tp_size 1",
         )

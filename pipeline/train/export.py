@@ -105,7 +105,7 @@ class _UniversalTensor:
         self.shape = self.contiguous().shape
 
     def contiguous(self) -> torch.Tensor:
-        obj = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)
+        obj = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         return obj["param"] if isinstance(obj, dict) else obj
 
 
@@ -193,7 +193,7 @@ def check_parity(folder: Path, parity_file: Path, precision: str, vocab_size: in
         log.warning("%s missing (older checkpoint): only checking that logits are finite", parity_file)
         check_reload(folder, vocab_size)
         return {}
-    ref = torch.load(parity_file, weights_only=False)
+    ref = torch.load(parity_file, weights_only=True)
     with torch.no_grad():
         logits = model(input_ids=ref["input_ids"]).logits.float()
     want = ref["logits"].float()

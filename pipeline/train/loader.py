@@ -43,13 +43,6 @@ def open_split(
     return split_prefixes(tokens_dir, manifest, split)
 
 
-def dp_coords(rank: int, world_size: int, tp_size: int = 1) -> tuple[int, int]:
-    """(dp_rank, dp_size) of a global rank when consecutive ranks form tensor-parallel groups (AutoTP)."""
-    if tp_size < 1 or world_size % tp_size:
-        raise ConfigError("parallel.tp_size", f"must divide the world size {world_size}, got {tp_size}")
-    return rank // tp_size, world_size // tp_size
-
-
 # ------------------------------------------------------------------ order
 
 

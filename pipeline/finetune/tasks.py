@@ -1,0 +1,188 @@
+"""Fine-tuning tasks of the shared training loop, found by name (`task:` in a fine-tuning config).
+
+Each is its data, its loss and its metrics (pipeline/runtime/task.py): `sft` trains the next-token
+loss on the answer tokens of instruction/chat records (prompts masked, optionally packed), and
+`classify` a sequence-classification head on labelled texts (loss per example; accuracy and macro
+F1). The data is encoded once, the same on every rank; step s takes global batch s of a seeded
+per-epoch permutation and each rank its slice of it, so batches depend on the step alone and
+never on the world size. A new task is a class here and a line in TASKS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline.config import config_hash
+from pipeline.errors import DataError
+from pipeline.finetune import classify, sft
+from pipeline.finetune.config import FinetuneConfig
+from pipeline.io import sha256_file
+from pipeline.runtime.engine import IGNORE_INDEX, Engine
+from pipeline.runtime.task import Batch, Task, count_lm_targets, evaluate_lm, lm_loss_sum
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneTask(Task):
+    """Encoded train/valid splits, batched by step; subclasses add the loss and the metrics."""
+
+    init_dir: Path | None = None
+    """The starting weights' folder, whose tokenizer encoded the data (export copies it)."""
+
+    def __init__(self, cfg: FinetuneConfig, train: list, valid: list, pad_id: int, info: dict):
+        self.cfg, self.train, self.valid, self.pad_id, self.info = cfg, train, valid, pad_id, info
+        self.seq_len = cfg.data.seq_len
+        # The file and every setting that changes the encoded rows or their order.
+        self.fingerprint = hashlib.sha256(
+            f"{sha256_file(cfg.data.path)}/{cfg.task}/{config_hash(cfg.data)}".encode()
+        ).hexdigest()
+        if sft.steps_per_epoch(len(train), cfg.batch.global_size) < 1:
+            raise DataError(
+                f"{cfg.data.path}: {len(train)} usable train sequences, fewer than one global batch "
+                f"(batch.global_size={cfg.batch.global_size})"
+            )
+
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, tokenizer) -> FinetuneTask:
+        """The task with its data loaded, split and encoded."""
+        raise NotImplementedError
+
+    def collate(self, items: list) -> Batch:
+        raise NotImplementedError
+
+    def _step_items(self, data: list, step: int, dp_rank: int, dp_size: int) -> list[list]:
+        b = self.cfg.batch
+        return sft.train_micro_batches(
+            data,
+            step=step,
+            global_size=b.global_size,
+            micro_size=b.micro_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=self.cfg.data.seed,
+        )
+
+    def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[Batch]:
+        return [self.collate(items) for items in self._step_items(self.train, step, dp_rank, dp_size)]
+
+    def step_samples(self, step: int) -> list[int]:
+        """Train-split indices of the step's examples (packed rows for packed SFT)."""
+        return [i for chunk in self._step_items(list(range(len(self.train))), step, 0, 1) for i in chunk]
+
+    def eval_batches(self, engine: Engine):
+        """This rank's valid batches (every rank the same number; `eval_max_batches` caps them)."""
+        b, cap = self.cfg.batch, self.cfg.train.eval_max_batches
+        chunks = sft.eval_micro_batches(
+            self.valid, micro_size=b.micro_size, dp_rank=engine.dp_rank, dp_size=engine.dp_size
+        )
+        for i, items in enumerate(chunks):
+            if cap is not None and i >= cap:
+                break
+            yield self.collate(items)
+
+
+class SFTTask(FinetuneTask):
+    """Next-token loss on the response tokens of instruction/chat examples."""
+
+    name = "sft"
+
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, tokenizer) -> SFTTask:
+        """Instruction/chat records -> encoded (and, with data.pack, packed) train and valid sequences."""
+        examples, bad = sft.load_examples(cfg.data.path)
+        if cfg.data.template == "chat" or any(isinstance(e, sft.Chat) for e in examples):
+            sft.check_chat_template(tokenizer, cfg.data.path)
+        train_ex, valid_ex = sft.split_examples(examples, cfg.data.valid_fraction, cfg.data.seed)
+        train, train_counts = sft.encode_examples(tokenizer, train_ex, cfg.data.seq_len, cfg.data.template)
+        valid, valid_counts = sft.encode_examples(tokenizer, valid_ex, cfg.data.seq_len, cfg.data.template)
+        counts = {"records": len(examples), **dict(bad + train_counts + valid_counts)}
+        if cfg.data.pack:
+            counts["train_examples_packed"] = len(train)
+            train = sft.pack(train, cfg.data.seq_len)  # valid stays unpacked: the same loss, simpler
+        info = {"train_examples": len(train), "valid_examples": len(valid), **counts}
+        return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info)
+
+    def collate(self, items: list) -> Batch:
+        return sft.collate(items, self.seq_len, self.pad_id)
+
+    def count_targets(self, batch: Batch) -> int:
+        return count_lm_targets(batch)
+
+    def loss_sum(self, engine: Engine, batch: Batch) -> torch.Tensor:
+        return lm_loss_sum(engine, batch)
+
+    def evaluate(self, engine: Engine) -> dict[str, float] | None:
+        return evaluate_lm(engine, self.eval_batches(engine)) if self.valid else None
+
+
+class ClassifyTask(FinetuneTask):
+    """Cross-entropy of (B, classes) logits against (B,) labels; accuracy and macro F1."""
+
+    name = "classify"
+    metric_modes = {"eval_loss": "min", "accuracy": "max", "macro_f1": "max"}
+
+    def __init__(
+        self, cfg: FinetuneConfig, train: list, valid: list, pad_id: int, info: dict, labels: list[str]
+    ):
+        super().__init__(cfg, train, valid, pad_id, info)
+        self.labels = labels
+
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, tokenizer) -> ClassifyTask:
+        """Labelled rows -> class names and encoded train/valid examples."""
+        rows, bad = classify.load_rows(cfg.data.path, cfg.classify)
+        train_rows, valid_rows = sft.split_examples(
+            rows, cfg.data.valid_fraction, cfg.data.seed, key=lambda r: r.text
+        )  # same text, same split
+        labels = classify.label_names(cfg.classify, train_rows, cfg.data.path)
+        train, train_counts = classify.encode_rows(tokenizer, train_rows, labels, cfg.data.seq_len)
+        valid, valid_counts = classify.encode_rows(tokenizer, valid_rows, labels, cfg.data.seq_len)
+        counts = {"records": len(rows), **dict(bad + train_counts + valid_counts)}
+        counts["valid_majority_accuracy"] = classify.majority_accuracy(valid)
+        info = {"train_examples": len(train), "valid_examples": len(valid), **counts}
+        return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info, labels)
+
+    def collate(self, items: list) -> Batch:
+        return classify.collate(items, self.seq_len, self.pad_id)
+
+    def count_targets(self, batch: Batch) -> int:
+        return classify.target_count(batch)
+
+    def loss_sum(self, engine: Engine, batch: Batch) -> torch.Tensor:
+        logits = engine.forward(batch).logits.float()  # (B, classes)
+        labels = engine.to_device(batch["labels"])
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def evaluate(self, engine: Engine) -> dict[str, float] | None:
+        """eval_loss (per example), accuracy and macro F1 over the valid split, summed over ranks."""
+        if not self.valid:
+            return None
+        C = len(self.labels)
+        conf = torch.zeros((C, C), dtype=torch.float64)  # counts, on the CPU
+        loss = 0.0
+        with engine.evaluating():
+            for batch in self.eval_batches(engine):
+                logits = engine.forward(batch).logits.float()
+                labels = engine.to_device(batch["labels"])
+                loss += float(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+                conf += classify.confusion(logits.argmax(-1).cpu(), batch["labels"], C)
+        sums = [x / engine.tp_size for x in dist.sum_floats([loss, *conf.flatten().tolist()])]  # TP: shared
+        loss, conf = sums[0], torch.tensor(sums[1:], dtype=torch.float64).reshape(C, C)
+        return {"eval_loss": loss / max(float(conf.sum()), 1.0), **classify.scores(conf)}
+
+
+TASKS: dict[str, type[FinetuneTask]] = {"sft": SFTTask, "classify": ClassifyTask}
+
+
+def build_task(cfg: FinetuneConfig, init_dir: Path, tokenizer) -> FinetuneTask:
+    """The configured task, its data encoded with the tokenizer saved beside the init weights."""
+    task = TASKS[cfg.task].build(cfg, tokenizer)
+    task.init_dir = init_dir
+    log.info("data %s: %s", cfg.data.path, task.info)
+    return task
