@@ -213,7 +213,11 @@ def train(out: Path, size_name: str, max_runs: int = 0) -> None:
     evals = {lang: np.load(out / "tokens" / f"eval_{lang}.npy") for lang in ("en", "zh")}
     done_dir = out / "results" / size_name
     done_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(r, s) for r in ROWS for s in SEEDS if not (done_dir / f"{r.lstrip('+')}-s{s}.json").is_file()]
+    ends = [
+        (r, s) for r in (ROWS[0], ROWS[-1]) for s in SEEDS
+    ]  # (a) and (b) first: the goal, even if stopped
+    middle = [(r, s) for s in SEEDS for r in ROWS[1:-1]]  # then seed by seed, every row
+    todo = [(r, s) for r, s in ends + middle if not (done_dir / f"{r.lstrip('+')}-s{s}.json").is_file()]
     for row, seed in todo[: max_runs or None]:
         if same := _same_tokens_as(meta, row, done_dir, seed):  # the stage removed nothing: same run
             res = {**json.loads(same.read_text()), "row": row, "reused": same.name}
