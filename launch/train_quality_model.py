@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from pipeline.config import add_config_args, load_config
-from pipeline.errors import GristmillError
+from pipeline.config import add_config_args, load_config, located
+from pipeline.errors import user_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.log import setup_logging
 
     setup_logging("INFO")
-    try:
-        folder = train_quality_model(load_config(QualityTrainConfig, args.config, args.overrides))
-    except GristmillError as exc:  # a user error: one line, no traceback
-        sys.exit(f"error: {exc}")
+    with user_errors():
+        cfg = load_config(QualityTrainConfig, args.config, args.overrides)
+        with located(cfg):
+            folder = train_quality_model(cfg)
     metrics = json.loads((folder / "quality_model.json").read_text(encoding="utf-8"))["metrics"]
     print(folder)
     print(json.dumps({k: metrics[k] for k in ("n", "accuracy", "precision", "recall", "f1", "roc_auc")}))
