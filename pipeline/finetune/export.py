@@ -1,12 +1,15 @@
 """Fine-tuned checkpoint to a Hugging Face folder: full weights, merged LoRA, or a classifier.
 
-One process, no collectives (rank 0 after training, or by hand). DeepSpeed's zero_to_fp32 (via
-pipeline/runtime/engine.py) gathers the checkpoint's fp32 weights (for LoRA runs: the frozen base
-weights and the adapters), a model built from the init folder's config.json loads them, and
-`save_pretrained` writes `out` atomically with the init folder's tokenizer files, after the
-folder reloads with plain transformers and gives finite logits. LoRA runs also write the
-adapter alone (`<run dir>/adapter`, loadable with peft) and merge the adapters into the weights
-only after checking that the merged model's logits equal the adapter model's.
+One process, no collectives (rank 0 after training, through dist.run_on_main, or by hand).
+Full-weight runs (SFT, classification) are streamed like a pretraining export
+(pipeline/train/export.py): the checkpoint's tensors are read one at a time, cast to the training
+dtype and written into safetensors shards beside the init folder's config (plus the classes) and
+tokenizer files, so memory stays near one shard and one model in the training dtype (the reload
+that checks the logits on the checkpoint's fixed batch), not several fp32 copies; the folder
+appears only if those logits agree with the training model's. LoRA runs gather the fp32 weights
+(the frozen base weights and the adapters) with DeepSpeed's zero_to_fp32, also write the adapter
+alone (`<run dir>/adapter`, loadable with peft) and merge the adapters into the weights only after
+checking that the merged model's logits equal the adapter model's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint
 from pipeline.runtime.engine import consolidated_state_dict
-from pipeline.train.export import TOKENIZER_FILES
+from pipeline.train.export import (
+    DTYPES,
+    MAX_SHARD_BYTES,
+    TOKENIZER_FILES,
+    check_names,
+    check_parity,
+    checkpoint_tensors,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +85,8 @@ def export_finetuned(
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # building models here must not wait for ranks that never join
+    if cfg.method == "full":
+        return export_full(cfg, tag, init_dir, labels, pad_id)
     run_dir, out_dir = cfg.run_dir, cfg.out_dir
     where = f"{run_dir}/checkpoints/{tag}"
     state = consolidated_state_dict(checkpoint.ckpt_root(run_dir), tag)
@@ -95,6 +108,37 @@ def export_finetuned(
         check_reload(tmp, cfg.task, config)
     log.info("exported %s to %s", where, out_dir)
     return out_dir
+
+
+def export_full(
+    cfg: FinetuneConfig, tag: str, init_dir: Path, labels: list[str] | None = None, pad_id: int | None = None
+) -> Path:
+    """Stream the weights of `<run dir>/checkpoints/<tag>` in the training dtype into `cfg.out_dir`."""
+    from transformers import GenerationConfig
+
+    where = f"{cfg.run_dir}/checkpoints/{tag}"
+    classify, precision = cfg.task == "classify", cfg.parallel.precision
+    config = model_config(init_dir, cfg.task, labels, pad_id)
+    tensors = checkpoint_tensors(
+        cfg.run_dir, tag, cfg.parallel.tp_size, bool(getattr(config, "tie_word_embeddings", False))
+    )
+    check_names(tensors, config, classify, where)
+    config.dtype = DTYPES[precision]
+    config.use_cache = True  # for generation; training turned it off
+    with atomic_dir(cfg.out_dir) as tmp:
+        config.save_pretrained(tmp)
+        if not classify and (Path(init_dir) / "generation_config.json").is_file():
+            shutil.copy2(Path(init_dir) / "generation_config.json", tmp / "generation_config.json")
+        elif not classify:
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        write_safetensors(tensors, tmp, DTYPES[precision], MAX_SHARD_BYTES)
+        for f in sorted(Path(init_dir).iterdir()):
+            if f.name in TOKENIZER_FILES:
+                shutil.copy2(f, tmp / f.name)
+        parity = checkpoint.ckpt_root(cfg.run_dir) / tag / "parity.pt"
+        check_parity(tmp, parity, precision, trained=precision, classify=classify)
+    log.info("exported %s to %s (%s)", where, cfg.out_dir, precision)
+    return cfg.out_dir
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:
