@@ -74,6 +74,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         tmp.chmod(0o777 & ~umask())  # what mkdir would have given; mkdtemp makes it 0700
         yield tmp
+        _umask_files(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -81,6 +82,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_files(folder: Path) -> None:
+    """Give the files written into `folder` the mode the umask gives new files: libraries that write
+    through a temp file (safetensors' save_file, hence save_pretrained) leave them owner-only (0600)."""
+    mode = 0o666 & ~umask()
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode | (f.stat().st_mode & 0o111))
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:

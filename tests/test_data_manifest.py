@@ -11,7 +11,13 @@ from tokens_helpers import shared_small_tokenizer
 
 from pipeline.data.config import TokenizeConfig
 from pipeline.data.indexed import bin_path, idx_path
-from pipeline.data.manifest import load_manifest, split_prefixes, verify_manifest, write_manifest
+from pipeline.data.manifest import (
+    ChecksumRecord,
+    load_manifest,
+    split_prefixes,
+    verify_manifest,
+    write_manifest,
+)
 from pipeline.data.tokenize import tokenize_file
 from pipeline.errors import DataError
 from pipeline.io import sha256_file, write_jsonl_zst
@@ -86,6 +92,33 @@ def test_flipped_byte_in_bin_is_detected(tmp_path, tok_dir):
     with pytest.raises(DataError, match=r"shard part-1.train: sha256 mismatch in .*part-1.train.bin"):
         verify_manifest(out)
     verify_manifest(out, checksums=False)  # same size and counts: only the checksum can tell
+
+
+def test_checksum_record_hashes_only_changed_files(tmp_path, tok_dir):
+    """Verified once, a file is not hashed again until it changes: even a same-size rewrite with its
+    modification time set back (its change time moves) is hashed, and its damage found."""
+    import os
+
+    out, _ = make_tokens(tmp_path, tok_dir)
+    files = 2 * sum(len(es) for es in load_manifest(out)["splits"].values())  # .bin + .idx per shard
+    path = tmp_path / "run" / "verified_shards.json"
+    first = ChecksumRecord(path)
+    verify_manifest(out, record=first)
+    assert (first.hashed, first.skipped) == (files, 0) and path.is_file()
+    again = ChecksumRecord(path)
+    verify_manifest(out, record=again)
+    assert (again.hashed, again.skipped) == (0, files)  # a requeue pays nothing
+    shard = bin_path(out / "part-1.train")
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime
+    damaged = ChecksumRecord(path)
+    with pytest.raises(DataError, match="part-1.train: sha256 mismatch"):
+        verify_manifest(out, record=damaged)
+    path.write_text("{not json")  # an unreadable record only costs a full pass
+    verify_manifest(out, checksums=False, record=ChecksumRecord(path))
 
 
 def test_missing_idx_is_detected(tmp_path, tok_dir):

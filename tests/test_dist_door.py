@@ -3,15 +3,18 @@
 The source walk (AST) finds any call of a collective outside pipeline/dist.py: through
 `torch.distributed.x`, an alias (`import torch.distributed as td`, `from torch import distributed`),
 a name imported from it (`from torch.distributed import all_reduce as ar`), or deepspeed.comm.
-The helpers run on 2 gloo ranks in spawned processes.
+The helpers run on 2 gloo ranks in spawned processes; so does `run_on_main` (rank-0-only work the
+other ranks wait for by polling a file), under a collective timeout shorter than the work.
 """
 
 from __future__ import annotations
 
 import ast
+import datetime
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -170,14 +173,86 @@ def _ranks_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.shutdown()
 
 
-@pytest.mark.dist
-def test_helpers_on_two_gloo_ranks(tmp_path):
+def run_two_ranks(worker, out: Path) -> list[dict]:
+    """worker(rank, 2, port, out) in 2 spawned processes; the rows they wrote to out/rank<r>.json."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_ranks_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
-    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mp.start_processes(worker, args=(2, port, str(out)), nprocs=2, start_method="spawn")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.dist
+def test_helpers_on_two_gloo_ranks(tmp_path):
+    rows = run_two_ranks(_ranks_worker, tmp_path)
     for row in rows:
         assert row["sum"] == [3.0, 10.0] and row["same_tensor"] and row["max"] == [1]
         assert row["dtype"] == "torch.int64" and row["comm"] == "cpu"
         assert row["floats"] == [2.0**53 - 1, 1.0] and row["max_floats"] == [3.0]
+
+
+def test_rank0_work_refuses_collectives_also_without_a_group(tmp_path, monkeypatch):
+    """A collective inside rank-0-only work is the hang of issue 18 item 3; it must fail in one process too."""
+    from pipeline import dist
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist.run_on_main(lambda: {"n": 1}, tmp_path, "work") == {"n": 1}
+    with pytest.raises(
+        RuntimeError, match=r"collective barrier\(\) called inside rank-0-only work \(export\)"
+    ):
+        dist.run_on_main(dist.barrier, tmp_path, "export")
+    with pytest.raises(RuntimeError, match="all_reduce"):
+        dist.run_on_main(lambda: dist.sum_floats([1.0]), tmp_path, "export")
+    dist.barrier()  # allowed again once the work is over
+
+
+WORK_S, TIMEOUT_S = 3.0, 1.5  # rank 0's work takes twice the collective timeout
+
+
+def _main_only_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    Path(out, f"ready{rank}").touch()  # start together: the short timeout also bounds the rendezvous
+    while not all(Path(out, f"ready{r}").exists() for r in range(world)):
+        time.sleep(0.01)
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    from pipeline import dist
+    from pipeline.errors import DataError
+
+    dist.POLL_S = 0.05
+    row: dict = {"result": dist.run_on_main(lambda: time.sleep(WORK_S) or {"n": 7}, out, "slow work")}
+    row["in_step"] = dist.sum_floats([1.0])  # a collective right after: the ranks are together again
+
+    def bad():
+        raise DataError("shard x: sha256 mismatch")
+
+    for name, work, kind in (("error", bad, DataError), ("nested", dist.barrier, RuntimeError)):
+        try:
+            dist.run_on_main(work, out, name)
+        except kind as exc:
+            row[name] = str(exc)
+    row["markers_left"] = sorted(p.name for p in Path(out).glob(".main-*"))
+    # the control: the same wait inside a collective exceeds the timeout
+    if rank == 0:
+        time.sleep(WORK_S)
+    else:
+        try:
+            dist.barrier()
+            row["barrier"] = "passed"
+        except Exception as exc:  # noqa: BLE001  gloo's timeout error
+            row["barrier"] = type(exc).__name__
+    Path(out, f"rank{rank}.json").write_text(json.dumps(row))
+    os._exit(0)  # after a timed-out collective the group cannot be shut down cleanly
+
+
+@pytest.mark.dist
+def test_rank0_work_longer_than_the_collective_timeout(tmp_path):
+    rows = run_two_ranks(_main_only_worker, tmp_path)
+    for rank, row in enumerate(rows):
+        assert row["result"] == {"n": 7} and row["in_step"] == [2.0], row
+        assert "shard x: sha256 mismatch" in row["error"] and row["markers_left"] == []
+        assert "called inside rank-0-only work (nested)" in row["nested"]
+        if rank:  # rank 1 learned of rank 0's errors, with the user error's class
+            assert row["error"].startswith("rank 0 failed during error: ")
+    assert rows[1]["barrier"] not in (None, "passed"), rows[1]  # without the polling: a timeout

@@ -80,6 +80,9 @@ def test_concatenated_zst_frames_read_in_order(tmp_path):
 def test_outputs_get_the_users_umask_not_owner_only(tmp_path, mask, file_mode, dir_mode):
     """Shards, exports, config.yaml and status.json all go through these writers: on a shared
     filesystem the group must be able to read them as it can any other file of the user's."""
+    import torch
+    from safetensors.torch import save_file
+
     from pipeline.config import save_config
     from pipeline.data.config import CleanConfig
 
@@ -92,8 +95,15 @@ def test_outputs_get_the_users_umask_not_owner_only(tmp_path, mask, file_mode, d
         save_config(CleanConfig(), tmp_path / "config.yaml")
         with io.atomic_dir(tmp_path / "export") as d:
             (d / "model.safetensors").write_bytes(b"x")
+            save_file({"w": torch.zeros(2)}, d / "real.safetensors")  # safetensors itself writes 0600
     finally:
         os.umask(old)
-    for name in ("shard.bin", "status.json", "config.yaml", "export/model.safetensors"):
+    for name in (
+        "shard.bin",
+        "status.json",
+        "config.yaml",
+        "export/model.safetensors",
+        "export/real.safetensors",
+    ):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode, name
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == dir_mode

@@ -174,3 +174,15 @@ def test_a_cpu_accelerator_on_a_node_with_gpus_is_refused(fake_nvidia_smi, monke
     monkeypatch.delenv("DS_ACCELERATOR")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     check_accelerator()  # GPUs hidden on purpose
+
+
+def test_converter_workers_follow_rank_files_cores_and_memory(tmp_path):
+    from pipeline.runtime.engine import converter_workers
+
+    for r in range(8):  # 8 ranks' optimizer files of 1000 bytes
+        (tmp_path / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    assert converter_workers(tmp_path, cores=16, free_bytes=10**9) == (8, 4)  # one per file
+    assert converter_workers(tmp_path, cores=4, free_bytes=10**9) == (4, 2)  # no more than cores
+    assert converter_workers(tmp_path, cores=16, free_bytes=6000) == (3, 1)  # each holds ~2x its file
+    assert converter_workers(tmp_path, cores=16, free_bytes=100) == (1, 1)
+    assert converter_workers(tmp_path / "none", cores=16, free_bytes=10**9) == (1, 1)

@@ -188,3 +188,17 @@ def test_launcher_turns_a_config_error_into_one_line(tokens, capsys):
     with pytest.raises(SystemExit) as exc:
         mod.main([*args, "--check", "optim.lr_max=1"])
     assert str(exc.value.code).startswith("error: command line 'optim.lr_max=1': optim.lr_max: unknown key")
+
+
+def test_the_pretraining_job_builds_its_model_in_the_training_dtype(tokens, tmp_path, monkeypatch):
+    """Issue 18: ZeRO 0-2 and AutoTP built the fp32 model in host memory on every rank; the job's model
+    comes out in bf16 now (the engine builds it on the rank's device), and its checksums are recorded."""
+    import torch
+
+    from pipeline.train.trainer import CHECKSUM_RECORD, prepare
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = load(tokens, f"run.dir={tmp_path / 'runs'}", "parallel.zero_stage=1", "parallel.precision=bf16")
+    job = prepare(cfg)
+    assert {p.dtype for p in job.model_fn().parameters()} == {torch.bfloat16}
+    assert (job.run_dir / CHECKSUM_RECORD).is_file()

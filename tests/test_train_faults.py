@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from dist_helpers import CPU_FP16_ENV, REPO, check, make_corpus, run_launcher, run_single
 
 from pipeline.errors import CheckpointError
@@ -36,6 +37,9 @@ def test_fault_spec(monkeypatch):
     assert f.loss_factor(3) == 1.0  # this process is rank 0, the faults are rank 1's
     f.nan_rank = 0
     assert math.isnan(f.loss_factor(3)) and f.loss_factor(6) == 50.0 and f.loss_factor(4) == 1.0
+    monkeypatch.setenv("GRISTMILL_FAULTS", "main_sleep=2.5;main_sleep_at=init_export,export")
+    f = Faults.from_env()
+    assert (f.main_sleep, f.main_sleep_at) == (2.5, {"init_export", "export"})
     monkeypatch.setenv("GRISTMILL_FAULTS", "explode=1")
     with pytest.raises(ValueError, match="explode"):
         Faults.from_env()
@@ -231,6 +235,19 @@ def test_crash_while_saving_leaves_latest_valid(corpus, runs):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
     assert [r["loss"] for r in rows[2:4]] == [r["loss"] for r in rows[4:]]  # the redo is exact
     assert rows[2]["loss"] is None and rows[3]["loss"] < rows[1]["loss"]  # step 3 skipped, weights intact
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_zero0_checkpoint_exports(runs, tmp_path):
+    """ZeRO-0 writes no optimizer partitions (DeepSpeed's converters refuse it); the export reads the
+    module's weights and checks them against the recorded logits."""
+    from safetensors.torch import load_file
+
+    from pipeline.train.export import export_hf
+
+    out = export_hf(runs / "crash", tmp_path / "hf")  # the crash test's run (ZeRO-0 fp32)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
 @pytest.mark.slow

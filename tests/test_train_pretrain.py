@@ -7,7 +7,8 @@ Runs (module scope; 4 launcher runs of about 15-20 s on 2 cores, 3 one-process r
   one       1 rank, micro 1 x grad accum 8, activation checkpointing   (1 rank == 2 ranks)
   one_big   1 rank, micro 8 x grad accum 1      (accumulation 8 x 1 == 1 x 8)
   shrink    split's preemption checkpoint resumed on 1 rank (universal checkpoint)
-  tp        2 ranks, AutoTP 2 with ZeRO-1: sharded weights, same loss as unsharded
+  tp        2 ranks, AutoTP 2 with ZeRO-1: sharded weights, same loss as unsharded; then fine-tuned
+            from (2 ranks, bf16 ZeRO-2) with rank 0's init export slower than the collective timeout
 """
 
 from __future__ import annotations
@@ -163,6 +164,9 @@ def test_loss_falls_and_metrics_rows(runs):
     assert last["tokens"] == 8 * 8 * 128 and last["skipped_nonfinite"] == 0  # every token a target
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    saves = [r for r in rows if r.get("event") == "checkpoint"]  # each save's duration (preemption lead time)
+    assert [(r["step"], r["tag"]) for r in saves] == [(4, "step_4"), (8, "step_8")]
+    assert all(0 < r["save_s"] < 300 for r in saves)
     assert evals[1]["eval_ppl"] == pytest.approx(math.exp(evals[1]["eval_loss"]))
     assert json.loads((runs / "full" / "status.json").read_text())["status"] == "completed"
     layout = json.loads((runs / "full" / "layout.json").read_text())
@@ -309,6 +313,7 @@ def test_autotp_shards_and_matches_unsharded(tp_run, runs, tmp_path):
     layout = json.loads((tp_run / "layout.json").read_text())
     assert (layout["tp_size"], layout["dp_size"], layout["zero_stage"]) == (2, 1, 1)
     assert layout["born_partitioned"] is False  # ZeRO-1: full weights, then AutoTP slices them
+    assert set(layout["built"]["dtypes"]) == {"float32"}  # the training precision, before DeepSpeed
     shapes = {k.split("layers.0.")[-1]: v for k, v in layout["params"].items() if "layers.0." in k}
     # tiny: hidden 64, 4 heads of 16, 2 kv heads, SwiGLU 192 -> halves of the output (column) or input (row) dim
     assert shapes["self_attn.q_proj.weight"] == [32, 64] and shapes["self_attn.k_proj.weight"] == [16, 64]
@@ -391,3 +396,45 @@ def test_report_png_plots_the_runs_metrics(runs, tmp_path, monkeypatch):
     assert ax_norm.get_lines()[0].get_xydata().tolist() == [list(p) for p in want("grad_norm")]
     height, width = mpimg.imread(out).shape[:2]
     assert (width, height) == tuple(round(v * dpi) for v in fig.get_size_inches())
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetune_from_an_autotp_run_with_slow_rank0_work(tp_run, tmp_path):
+    """Issue 18: fine-tuning from an AutoTP run hung (rank 0's init export reached a barrier of the
+    universal conversion), and rank-0-only work longer than the collective timeout failed the job.
+    Here rank 0 converts and exports the AutoTP run with an injected delay longer than the timeout
+    (12 s against 9 s) while rank 1 waits outside any collective; the bf16 ZeRO-2 model is built in
+    bf16 before DeepSpeed wraps it, and the final export streams it in bf16."""
+    from finetune_helpers import run_finetune
+    from safetensors.torch import load_file
+
+    pre, run = tmp_path / "pre", tmp_path / "ft"
+    shutil.copytree(tp_run, pre, ignore=shutil.ignore_patterns("universal_*"))  # the conversion happens here
+    overrides = [
+        f"init_from={pre}",
+        f"run.dir={tmp_path}",
+        "run.name=ft",
+        f"out={run / 'hf'}",
+        "parallel.zero_stage=2",
+        "parallel.precision=bf16",
+        "parallel.collective_timeout_min=0.15",
+        "data.seq_len=256",  # the corpus tokenizer's 300 pieces make long prompts
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+    ]
+    faults = {"GRISTMILL_FAULTS": "main_sleep=12;main_sleep_at=init_export"}
+    proc = run_finetune(REPO / "configs" / "finetune" / "sft_tiny.yaml", overrides, ranks=2, env=faults)
+    check(proc)
+    log = proc.stdout + proc.stderr
+    assert "injected 12.0 s delay before init_export" in log
+    assert (pre / "checkpoints" / "universal_step_4").is_dir() and (
+        run / "init_step_4" / "config.json"
+    ).is_file()
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    layout = json.loads((run / "layout.json").read_text())
+    assert layout["zero_stage"] == 2 and set(layout["built"]["dtypes"]) == {"bfloat16"}
+    weights = load_file(run / "hf" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # the training dtype, not fp32
+    assert "export parity (bf16 export of a bf16 run)" in log

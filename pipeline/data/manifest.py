@@ -7,11 +7,18 @@ Schema ("prefix" is relative to the manifest's folder):
      "totals": {"train": {"documents", "tokens"}, "valid": {...}},
      "config": {...}, "lineage": {"inputs": [{"name", "bytes"}], ...}}
 The trainer reads only this module and indexed.py from `pipeline.data`, so it never imports Ray.
+
+Checksums of a huge corpus take long (about 10 minutes per 600 GB at 1 GB/s), so a `ChecksumRecord`
+(a JSON file the trainer keeps in the run directory) remembers each file whose sha256 matched,
+with its size, modification and change times and inode: a later verification (a requeued job, a
+resume) hashes only files that changed since, or whose manifest entry did.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,7 @@ from pipeline.data.indexed import IndexedDataset, bin_path, dtype_for_vocab, idx
 from pipeline.errors import DataError
 from pipeline.io import sha256_file, write_json
 
+log = logging.getLogger(__name__)
 FORMAT = "megatron-indexed-v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
@@ -104,15 +112,71 @@ def split_prefixes(tokens_dir: Path, manifest: dict, split: str) -> list[Path]:
     return [Path(tokens_dir) / e["prefix"] for e in manifest["splits"][split]]
 
 
-def verify_manifest(tokens_dir: Path, *, checksums: bool = True, fingerprint: str | None = None) -> dict:
-    """Check every shard against the manifest; DataError naming the shard and what differs. Returns it."""
+class ChecksumRecord:
+    """Files whose sha256 matched, keyed by path and (size, mtime, ctime, inode): an unchanged file is
+    not hashed again. Writing a file changes its ctime, which no user can set back."""
+
+    VERSION = 1
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.files: dict[str, dict] = {}
+        self.hashed = self.skipped = 0
+        if self.path.is_file():
+            try:
+                raw = json.loads(self.path.read_text(encoding="utf-8"))
+                if raw.get("version") == self.VERSION:
+                    self.files = dict(raw["files"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("%s: unreadable checksum record (%s); verifying every file again", self.path, exc)
+
+    @staticmethod
+    def _key(file: Path, sha256: str) -> tuple[str, dict]:
+        st = file.stat()
+        stamp = {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino,
+        }
+        return str(file.resolve()), {**stamp, "sha256": sha256}
+
+    def verified(self, file: Path, sha256: str) -> bool:
+        """Whether `file` matched `sha256` before and has not changed since."""
+        name, entry = self._key(file, sha256)
+        return self.files.get(name) == entry
+
+    def add(self, file: Path, sha256: str) -> None:
+        name, entry = self._key(file, sha256)
+        self.files[name] = entry
+
+    def save(self) -> None:
+        write_json(self.path, {"version": self.VERSION, "files": self.files})
+
+
+def verify_manifest(
+    tokens_dir: Path,
+    *,
+    checksums: bool = True,
+    fingerprint: str | None = None,
+    record: ChecksumRecord | None = None,
+) -> dict:
+    """Check every shard against the manifest; DataError naming the shard and what differs. Returns it.
+
+    With a `record`, files it lists as verified and unchanged are not hashed, and newly hashed ones
+    are added to it (saved every minute and at the end, so an interrupted pass keeps its progress).
+    """
     tokens_dir = Path(tokens_dir)
     manifest = load_manifest(tokens_dir)
     _check_tokenizer(tokens_dir, manifest["tokenizer"], fingerprint)
     dtype = np.dtype(manifest["dtype"])
+    saved_at = time.monotonic()
     for split, entries in manifest["splits"].items():
         for entry in entries:
-            _check_shard(tokens_dir, entry, dtype, checksums)
+            _check_shard(tokens_dir, entry, dtype, checksums, record)
+            if record is not None and time.monotonic() - saved_at > 60:
+                record.save()
+                saved_at = time.monotonic()
         total = {
             "documents": sum(e["documents"] for e in entries),
             "tokens": sum(e["tokens"] for e in entries),
@@ -122,6 +186,8 @@ def verify_manifest(tokens_dir: Path, *, checksums: bool = True, fingerprint: st
                 f"{tokens_dir / MANIFEST}: totals[{split}] {manifest['totals'].get(split)} "
                 f"!= sum of its shards {total}"
             )
+    if record is not None and checksums:
+        record.save()
     return manifest
 
 
@@ -148,7 +214,9 @@ def _tokenizer_model(tokens_dir: Path, path: str) -> Path | None:
     return None
 
 
-def _check_shard(tokens_dir: Path, entry: dict, dtype: np.dtype, checksums: bool) -> None:
+def _check_shard(
+    tokens_dir: Path, entry: dict, dtype: np.dtype, checksums: bool, record: ChecksumRecord | None = None
+) -> None:
     prefix = tokens_dir / entry["prefix"]
     name = entry["prefix"]
     for p in (bin_path(prefix), idx_path(prefix)):
@@ -156,11 +224,16 @@ def _check_shard(tokens_dir: Path, entry: dict, dtype: np.dtype, checksums: bool
             raise DataError(f"shard {name}: missing file {p}")
     if checksums:
         for kind, p in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
+            want = entry["sha256"][kind]
+            if record is not None and record.verified(p, want):
+                record.skipped += 1
+                continue
             got = sha256_file(p)
-            if got != entry["sha256"][kind]:
-                raise DataError(
-                    f"shard {name}: sha256 mismatch in {p} ({got[:12]} != recorded {entry['sha256'][kind][:12]})"
-                )
+            if got != want:
+                raise DataError(f"shard {name}: sha256 mismatch in {p} ({got[:12]} != recorded {want[:12]})")
+            if record is not None:
+                record.add(p, got)
+                record.hashed += 1
     ds = IndexedDataset(prefix)  # DataError on a bad header or a .bin/.idx size mismatch
     found = {"documents": len(ds), "tokens": ds.num_tokens, "dtype": ds.dtype.name}
     want = {"documents": entry["documents"], "tokens": entry["tokens"], "dtype": dtype.name}

@@ -1,12 +1,16 @@
 """Fine-tuned checkpoint to a Hugging Face folder: full weights, a PEFT method's result, or a classifier.
 
-One process, no collectives (rank 0 after training, or by hand). DeepSpeed's zero_to_fp32 (via
-pipeline/runtime/engine.py) gathers the checkpoint's fp32 weights: all of them for full
-fine-tuning, only the trained ones for a peft method (the frozen ones are the starting weights,
-read again from the init folder). `out` is written atomically with the init folder's tokenizer
-files, after the folder reloads with plain transformers (plus peft for an adapter) and gives the
-training model's logits on the batch the checkpoint recorded (`parity.pt`):
-- full: the fine-tuned model;
+One process, no collectives (rank 0 after training, through dist.run_on_main, or by hand).
+Full fine-tuning (SFT, classification, DPO) is streamed like a pretraining export
+(pipeline/train/export.py): the checkpoint's tensors are read one at a time, cast to the training
+dtype and written into safetensors shards beside the init folder's config (plus the classes) and
+tokenizer files, so memory stays near one shard and one model in the training dtype (the reload
+that checks the logits on the checkpoint's fixed batch, `parity.pt`), not several fp32 copies.
+A peft method's run gathers with DeepSpeed's zero_to_fp32 (pipeline/runtime/engine.py) only the
+trained weights (the frozen ones are the starting weights, read again from the init folder).
+`out` is written atomically with the init folder's tokenizer files, after the folder reloads with
+plain transformers (plus peft for an adapter) and gives the training model's logits on `parity.pt`:
+- full: the fine-tuned model, in the training dtype;
 - lora, qlora, ia3: the adapters folded into the weights (only after the merged model's logits
   equal the adapter model's); the adapter alone also goes to `<run dir>/adapter` (loadable with peft);
 - prefix, prompt: nothing to fold, so `out` is the untouched base model and `out/adapter` the
@@ -28,7 +32,16 @@ from pipeline.finetune.config import FinetuneConfig
 from pipeline.io import atomic_dir
 from pipeline.runtime import checkpoint
 from pipeline.runtime.engine import consolidated_state_dict
-from pipeline.train.export import PARITY_TOL, TOKENIZER_FILES
+from pipeline.train.export import (
+    DTYPES,
+    MAX_SHARD_BYTES,
+    PARITY_TOL,
+    TOKENIZER_FILES,
+    check_names,
+    checkpoint_tensors,
+    write_safetensors,
+)
+from pipeline.train.export import check_parity as check_folder_parity
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +104,22 @@ def export_finetuned(
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()  # building models here must not wait for ranks that never join
+    if cfg.method == "full":
+        return export_full(cfg, tag, init_dir, labels, pad_id)
     root = checkpoint.ckpt_root(cfg.run_dir)
     state = consolidated_state_dict(root, tag)
     config = model_config(init_dir, cfg.task, labels, pad_id)
     out = Output(cfg.out_dir, init_dir, cfg.task, config, root / tag / "parity.pt")
-    if cfg.method == "full":
-        model = build_plain(config, cfg.task)
-        load_full_state(model, state, f"{root}/{tag}")
-        out.write_merged(model)
+    method = "lora" if cfg.method == "qlora" else cfg.method  # qlora merges into the full-precision base
+    peft_model = adapters.load_adapter_state(
+        load_base(init_dir, config, cfg.task), method, cfg.peft, cfg.task, state
+    )
+    if method in adapters.MERGEABLE:
+        with atomic_dir(cfg.run_dir / ADAPTER_DIR) as tmp:
+            peft_model.save_pretrained(tmp)
+        out.write_merged(adapters.merge_checked(peft_model, probe_ids(config.vocab_size)))
     else:
-        method = "lora" if cfg.method == "qlora" else cfg.method  # qlora merges into the full-precision base
-        peft_model = adapters.load_adapter_state(
-            load_base(init_dir, config, cfg.task), method, cfg.peft, cfg.task, state
-        )
-        if method in adapters.MERGEABLE:
-            with atomic_dir(cfg.run_dir / ADAPTER_DIR) as tmp:
-                peft_model.save_pretrained(tmp)
-            out.write_merged(adapters.merge_checked(peft_model, probe_ids(config.vocab_size)))
-        else:
-            out.write_unmerged(peft_model)
+        out.write_unmerged(peft_model)
     log.info("exported %s/%s (%s) to %s", root, tag, cfg.method, cfg.out_dir)
     return cfg.out_dir
 
@@ -142,6 +152,37 @@ class Output:
             if f.name in TOKENIZER_FILES:
                 shutil.copy2(f, tmp / f.name)
         check_parity(reloaded, self.parity_file, tmp)
+
+
+def export_full(
+    cfg: FinetuneConfig, tag: str, init_dir: Path, labels: list[str] | None = None, pad_id: int | None = None
+) -> Path:
+    """Stream the weights of `<run dir>/checkpoints/<tag>` in the training dtype into `cfg.out_dir`."""
+    from transformers import GenerationConfig
+
+    where = f"{cfg.run_dir}/checkpoints/{tag}"
+    classify, precision = cfg.task == "classify", cfg.parallel.precision
+    config = model_config(init_dir, cfg.task, labels, pad_id)
+    tensors = checkpoint_tensors(
+        cfg.run_dir, tag, cfg.parallel.tp_size, bool(getattr(config, "tie_word_embeddings", False))
+    )
+    check_names(tensors, config, classify, where)
+    config.dtype = DTYPES[precision]
+    config.use_cache = True  # for generation; training turned it off
+    with atomic_dir(cfg.out_dir) as tmp:
+        config.save_pretrained(tmp)
+        if not classify and (Path(init_dir) / "generation_config.json").is_file():
+            shutil.copy2(Path(init_dir) / "generation_config.json", tmp / "generation_config.json")
+        elif not classify:
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        write_safetensors(tensors, tmp, DTYPES[precision], MAX_SHARD_BYTES)
+        for f in sorted(Path(init_dir).iterdir()):
+            if f.name in TOKENIZER_FILES:
+                shutil.copy2(f, tmp / f.name)
+        parity = checkpoint.ckpt_root(cfg.run_dir) / tag / "parity.pt"
+        check_folder_parity(tmp, parity, precision, trained=precision, classify=classify)
+    log.info("exported %s to %s (%s)", where, cfg.out_dir, precision)
+    return cfg.out_dir
 
 
 def probe_ids(vocab_size: int) -> torch.Tensor:

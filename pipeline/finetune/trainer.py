@@ -6,7 +6,8 @@ classification or DPO, its data encoded with the tokenizer beside those weights)
 from that folder inside the engine (ZeRO-3 partitions it as it loads; a peft `method:` wraps it
 first, adapters.py), the number of steps (`max_steps`, or epochs over the train split), and, once
 the run has completed, the export of its best checkpoint (early stopping on `early_stop_metric`)
-on rank 0.
+on rank 0
+(the other ranks wait by polling the run folder, outside any collective: see dist.run_on_main).
 Everything else is the runtime's (pipeline/runtime/trainer.py and loop.py): a run whose folder has a
 checkpoint resumes from it (also when a Slurm job is requeued), SIGTERM/SIGUSR1 save and exit 75,
 the non-finite and spike guards, metrics, the report.
@@ -29,13 +30,11 @@ from pipeline.finetune.tasks import FinetuneTask, build_task
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
 from pipeline.runtime import checkpoint
-from pipeline.runtime.trainer import Job, RunResult, run_training, write_status
+from pipeline.runtime.trainer import Job, RunResult, main_only, run_training, write_status
 from pipeline.runtime.worker import exit_worker
-from pipeline.train.export import export_hf
+from pipeline.train.export import DTYPES, export_hf
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def finetune(cfg: FinetuneConfig) -> RunResult:
@@ -45,10 +44,13 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
         return result  # preempted or stopped: the requeued / resumed run exports
     task: FinetuneTask = result.job.task
     tag = result.best_tag or checkpoint.latest_tag(cfg.run_dir)
-    try:
-        if dist.is_main():
-            export_finetuned(cfg, tag, task.init_dir, getattr(task, "labels", None), task.pad_id)
-        dist.barrier()
+    labels = getattr(task, "labels", None)
+
+    def export() -> None:
+        export_finetuned(cfg, tag, task.init_dir, labels, task.pad_id)
+
+    try:  # on rank 0, with the other ranks polling: an export may outlast the collective timeout
+        main_only(cfg.run_dir, "export", export)
     except Exception as exc:
         write_status(
             cfg.run_dir, {"status": "failed", "error": f"export of {tag}: {type(exc).__name__}: {exc}"}
@@ -102,7 +104,8 @@ def prepare_init(cfg: FinetuneConfig) -> Path:
     """The starting weights as an HF folder: `init_from` itself, or its latest checkpoint exported once.
 
     The export is named after the checkpoint tag (`<run dir>/init_step_<N>`), so a pretraining run
-    that has moved on since is exported again rather than silently reused.
+    that has moved on since is exported again rather than silently reused. Collective: every rank
+    calls it; rank 0 exports while the others wait outside any collective.
     """
     if is_hf_folder(cfg.init_from):
         return Path(cfg.init_from)
@@ -110,10 +113,13 @@ def prepare_init(cfg: FinetuneConfig) -> Path:
     if tag is None:
         raise CheckpointError(f"{cfg.init_from}/checkpoints/latest: not found; the run has no checkpoint")
     target = cfg.run_dir / f"init_{tag}"
-    if dist.is_main() and not is_hf_folder(target):
-        log.info("exporting %s/checkpoints/%s to %s", cfg.init_from, tag, target)
-        export_hf(Path(cfg.init_from), target, tag=tag)
-    dist.barrier()
+
+    def export() -> None:  # one process, no collectives (an AutoTP run converts its checkpoint first)
+        if not is_hf_folder(target):
+            log.info("exporting %s/checkpoints/%s to %s", cfg.init_from, tag, target)
+            export_hf(Path(cfg.init_from), target, tag=tag)
+
+    main_only(cfg.run_dir, "init_export", export)  # rank 0 exports, the others poll: no timeout
     return target
 
 
@@ -143,7 +149,7 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
     """The model to fine-tune; called inside Engine so ZeRO-3 partitions it as it loads."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = dict(dtype=_DTYPES[cfg.parallel.precision], attn_implementation="sdpa", local_files_only=True)
+    kwargs = dict(dtype=DTYPES[cfg.parallel.precision], attn_implementation="sdpa", local_files_only=True)
     if cfg.method == "qlora":
         kwargs["quantization_config"] = adapters.quantization_config(cfg.peft)  # ConfigError without CUDA
     if cfg.task == "classify":

@@ -37,17 +37,25 @@ def llama_config(cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int):
 
 
 def build_model(
-    cfg: ModelConfig, *, bos_id: int, eos_id: int, pad_id: int, partitioned: bool = True
+    cfg: ModelConfig,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    partitioned: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
-    """A freshly initialized LlamaForCausalLM.
+    """A freshly initialized LlamaForCausalLM with parameters in `dtype` (the training precision).
 
     With `partitioned` it goes through `from_config`, so under a live HfDeepSpeedConfig (ZeRO-3,
     see runtime/engine.py) the weights are created already split across ranks. Without, it is a
     plain full model in this process (export, tests), whatever DeepSpeed state is around.
+    Building in bf16/fp16 loses nothing: DeepSpeed casts the parameters to that dtype before it
+    makes the fp32 master copies from them, so the masters start from the same 16-bit values.
     """
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     hf_cfg = llama_config(cfg, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     if partitioned:
-        return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
-    return LlamaForCausalLM(hf_cfg)
+        return AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
+    return LlamaForCausalLM(hf_cfg).to(dtype)

@@ -9,7 +9,8 @@ Layout under `runs/<name>/checkpoints/`:
                                  numbers, loadable with weights_only=True (ZeRO-1/2 would give every
                                  rank rank 0's client_state, so RNG lives in per-rank files)
     step_<N>/parity.pt           a fixed batch and the training model's logits on it (export checks them)
-    universal_step_<N>/          step_<N> converted for another data-parallel size (made on demand)
+    universal_step_<N>/          step_<N> converted for another data-parallel size or for an AutoTP
+                                 export (made on demand, by one process)
     latest                       the tag of the newest complete checkpoint
 A checkpoint is written as `.tmp-step_<N>` by every rank, renamed to `step_<N>` by rank 0 after a
 barrier (all ranks finished), and only then does `latest` move. A crash at any point leaves
@@ -227,23 +228,24 @@ def check_compatible(
             )
 
 
-def prepare_universal(run_dir: Path, tag: str) -> str:
-    """The tag of checkpoints/<tag> in universal form, converting it once (rank 0; others wait)."""
+def convert_universal(run_dir: Path, tag: str) -> str:
+    """The tag of checkpoints/<tag> in universal form, converting it once (one process, no collectives:
+    the runtime calls it through dist.run_on_main, an export calls it directly)."""
     from pipeline.runtime.engine import to_universal
 
     root = ckpt_root(run_dir)
     utag = UNIVERSAL_PREFIX + tag
-    if dist.is_main() and not (root / utag).is_dir():
-        log.info("converting %s to a universal checkpoint (data-parallel size changed)", root / tag)
-        tmp = root / (TMP_PREFIX + utag)
-        shutil.rmtree(tmp, ignore_errors=True)
-        to_universal(root / tag, tmp)
-        for name in ("trainer_state.json", "parity.pt", *(p.name for p in (root / tag).glob("rng_rank*.pt"))):
-            if (root / tag / name).is_file():
-                shutil.copy2(root / tag / name, tmp / name)
-        (root / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`
-        os.replace(tmp, root / utag)
-    dist.barrier()
+    if (root / utag).is_dir():
+        return utag
+    log.info("converting %s to a universal checkpoint", root / tag)
+    tmp = root / (TMP_PREFIX + utag)
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_universal(root / tag, tmp)
+    for name in ("trainer_state.json", "parity.pt", *(p.name for p in (root / tag).glob("rng_rank*.pt"))):
+        if (root / tag / name).is_file():
+            shutil.copy2(root / tag / name, tmp / name)
+    (root / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; ours is `latest`
+    os.replace(tmp, root / utag)
     return utag
 
 

@@ -317,6 +317,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def build_device(ds_cfg: dict) -> contextlib.AbstractContextManager:
+    """Where the model is built: under ZeRO 0-2 and AutoTP on this rank's accelerator device (a torch
+    device context, which from_config and from_pretrained follow), so no rank holds the model in host
+    memory; under ZeRO-3, where zero.Init places each partition itself, and on CPUs, nothing changes."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if int(ds_cfg["zero_optimization"]["stage"]) == 3 or acc.device_name() == "cpu":
+        return contextlib.nullcontext()
+    return torch.device(acc.current_device_name())
+
+
+def built_summary(model: torch.nn.Module) -> dict:
+    """How the model was built, before DeepSpeed wrapped it: {"dtypes": {dtype: parameters}, "device"}."""
+    dtypes: dict[str, int] = {}
+    devices = set()
+    for p in model.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + int(getattr(p, "ds_numel", p.numel()))
+        devices.add(p.device.type)
+    return {"dtypes": dtypes, "devices": sorted(devices)}
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did: skipped steps leave the weights untouched."""
@@ -343,13 +366,17 @@ class Engine:
         acc = get_accelerator()
         if acc.device_name() == "cpu":
             _share_cpu_threads()
+        else:
+            dist.bind_device()  # before the model is built on "the rank's device"
         # transformers keeps only a weak reference: this object must outlive model construction,
         # or from_config/from_pretrained silently builds the full model on every rank. Under ZeRO-3
         # it makes from_config run inside deepspeed.zero.Init: weights are born partitioned.
         self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)
-        model = model_fn()
+        with build_device(ds_cfg):
+            model = model_fn()
         # True when zero.Init partitioned the weights as they were created (no rank held the model).
         self.born_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        self.built = built_summary(model)
         if "activation_checkpointing" in ds_cfg:
             model.activation_checkpointing_enable()
         self.activation_checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
@@ -561,12 +588,13 @@ def peak_memory_mib() -> float:
 def to_universal(src: Path, dst: Path) -> None:
     """Convert a DeepSpeed checkpoint folder to the universal format (any data-parallel size).
 
-    Runs DeepSpeed's converter in a child process (it forks worker pools and holds every
-    fragment); ZeRO-1/2 checkpoints lack its bookkeeping state, which it injects.
+    Runs DeepSpeed's converter in a child process with parallel workers (converter_workers); ZeRO-1/2
+    checkpoints lack its bookkeeping state, which it injects.
     """
     import subprocess
     import sys
 
+    extract, merge = converter_workers(src)
     cmd = [
         sys.executable,
         "-m",
@@ -576,14 +604,38 @@ def to_universal(src: Path, dst: Path) -> None:
         "--output_folder",
         str(dst),
         "--num_extract_workers",
-        "1",
+        str(extract),
         "--num_merge_workers",
-        "1",
+        str(merge),
         "--inject_missing_state",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CheckpointError(f"{src}: conversion to a universal checkpoint failed:\n{proc.stderr[-2000:]}")
+
+
+def converter_workers(src: Path, cores: int | None = None, free_bytes: int | None = None) -> tuple[int, int]:
+    """(extract, merge) worker processes for converting `src`: one extract worker per rank's optimizer
+    file (each holds its file, about twice its size in memory) as far as cores and free memory allow;
+    merge workers hold one parameter's pieces, and DeepSpeed advises fewer of them: half as many."""
+    files = [f.stat().st_size for f in Path(src).glob("*optim_states.pt")]
+    cores = cores or len(os.sched_getaffinity(0))
+    free_bytes = _available_memory() if free_bytes is None else free_bytes
+    by_memory = free_bytes // (2 * max(files)) if files and max(files) else cores
+    extract = max(1, min(cores, len(files) or 1, by_memory))
+    return extract, max(1, extract // 2)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new work (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def lazy_state_dict(root: Path, tag: str) -> dict:

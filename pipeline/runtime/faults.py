@@ -15,6 +15,11 @@ the run directory's `status.json` says the same for launchers that mangle exit c
   crash_save_step  rank nan_rank dies with os._exit(CRASH_EXIT_CODE) while that step's checkpoint is
                    being written (after its files, before `latest` moves)
   step_sleep       seconds to sleep after each step (gives a test time to send a signal)
+  main_sleep       seconds rank 0 sleeps at the start of each rank-0-only piece of work (checksums,
+                   checkpoint conversion, exports): longer than a short collective timeout, it shows
+                   that the other ranks do not wait for it inside a collective
+  main_sleep_at    only before these pieces of work (shard_checksums, universal_conversion,
+                   init_export, export); default all
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class Faults:
     nan_rank: int = 0
     crash_save_step: int = 0
     step_sleep: float = 0.0
+    main_sleep: float = 0.0
+    main_sleep_at: set[str] = field(default_factory=set)
 
     @classmethod
     def from_env(cls) -> Faults:
@@ -81,9 +88,11 @@ class Faults:
             key, _, value = item.partition("=")
             if key in ("nan_steps", "spike_steps"):
                 setattr(out, key, {int(v) for v in value.split(",") if v})
+            elif key == "main_sleep_at":
+                out.main_sleep_at = {v for v in value.split(",") if v}
             elif key in ("nan_rank", "crash_save_step"):
                 setattr(out, key, int(value))
-            elif key in ("step_sleep", "spike_scale"):
+            elif key in ("step_sleep", "spike_scale", "main_sleep"):
                 setattr(out, key, float(value))
             else:
                 raise ValueError(f"GRISTMILL_FAULTS: unknown fault {key!r} in {spec!r}")
@@ -108,3 +117,9 @@ class Faults:
     def after_step(self) -> None:
         if self.step_sleep:
             time.sleep(self.step_sleep)
+
+    def slow_main(self, what: str) -> None:
+        """Rank 0's injected delay before rank-0-only work."""
+        if self.main_sleep and (not self.main_sleep_at or what in self.main_sleep_at):
+            log.warning("injected %.1f s delay before %s", self.main_sleep, what)
+            time.sleep(self.main_sleep)

@@ -8,7 +8,8 @@ any rank, or (with `spike_skip`) a loss spike, makes every rank skip the update 
 (engine.py says how); `max_nonfinite` non-finite steps in a row stop the run with a checkpoint and
 the offending sample indices. Every `log_every` steps a metrics row, every `eval_every` the task's
 validation metrics (early stopping and the best checkpoint follow `early_stop_metric`), every
-`save_every` (and at the end) a checkpoint. SIGTERM/SIGUSR1 stop every rank at the next step
+`save_every` (and at the end) a checkpoint, with its duration in a metrics row (`save_s`: the
+preemption lead time must cover it). SIGTERM/SIGUSR1 stop every rank at the next step
 boundary with a checkpoint and REQUEUE_EXIT_CODE. The set-up around it (resume, status.json) is
 in trainer.py; no DeepSpeed in here.
 """
@@ -360,12 +361,17 @@ class Loop:
         state.early_stop = self.stopper.state() if self.stopper else {}
         state.spike = self.guard.state()
         keep = self.stopper.best_tag if self.stopper else None
+        t0 = time.perf_counter()
         extra = {"parity.pt": self.parity_batch()}
         tag = checkpoint.save(
             self.engine, self.s.run_dir, state, self.s.loop.keep_last, extra, self.faults, keep=keep
         )
         self.saved_at = state.step
-        log.info("saved %s", tag)
+        save_s = (
+            time.perf_counter() - t0
+        )  # the parity forward and every rank's files (save ends in a barrier)
+        self.metrics.write({"step": state.step, "event": "checkpoint", "tag": tag, "save_s": save_s})
+        log.info("saved %s in %.1f s", tag, save_s)
         return tag
 
     def stop_nonfinite(self) -> LoopResult:

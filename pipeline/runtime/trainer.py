@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,18 @@ def run_training(run_dir: Path, prepare: Callable[[], Job], timeout_min: float |
     return result
 
 
+def main_only(sync_dir: Path, what: str, work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0 while the other ranks poll `sync_dir` (dist.run_on_main: long work cannot
+    hit the collective timeout); its JSON-able result on every rank. Collective: every rank calls it."""
+    faults = Faults.from_env()
+
+    def slowed() -> Any:
+        faults.slow_main(what)
+        return work()
+
+    return dist.run_on_main(slowed, sync_dir, what)
+
+
 def write_status(run_dir: Path, row: dict) -> None:
     """run_dir/status.json (rank 0)."""
     if dist.is_main():
@@ -104,7 +117,14 @@ def _train(job: Job, stop: StopRequest) -> RunResult:
     dp = job.parallel.dp_size(dist.world_size())
     universal = saved is not None and saved.dp_size not in (0, dp)
     if universal:
-        tag = checkpoint.prepare_universal(job.run_dir, tag)
+        log.info(
+            "the data-parallel size changed (%d -> %d): resuming through a universal checkpoint",
+            saved.dp_size,
+            dp,
+        )
+        tag = main_only(
+            job.run_dir, "universal_conversion", partial(checkpoint.convert_universal, job.run_dir, tag)
+        )
     torch.manual_seed(job.seed)  # the same init on every rank
     engine = Engine(
         job.model_fn,
@@ -139,9 +159,9 @@ def _train(job: Job, stop: StopRequest) -> RunResult:
 
 def resume_point(job: Job) -> tuple[str | None, TrainerState | None]:
     """The latest complete checkpoint's tag and state, checked against this job (or None, None)."""
-    if dist.is_main():
-        checkpoint.clean_stale(job.run_dir)
-    dist.barrier()
+    main_only(
+        job.run_dir, "clean_stale", partial(checkpoint.clean_stale, job.run_dir)
+    )  # may delete a big folder
     tag = checkpoint.latest_tag(job.run_dir)
     if tag is None:
         return None, None
@@ -194,7 +214,8 @@ def resume(job: Job, engine: Engine, tag: str, saved: TrainerState) -> TrainerSt
 
 
 def write_layout(run_dir: Path, engine: Engine) -> None:
-    """run_dir/layout.json: how the model is split (AutoTP shard shapes seen on rank 0)."""
+    """run_dir/layout.json: how the model is split (AutoTP shard shapes seen on rank 0) and how it was
+    built before DeepSpeed wrapped it (parameter dtypes, devices)."""
     write_json(
         run_dir / "layout.json",
         {
@@ -203,6 +224,7 @@ def write_layout(run_dir: Path, engine: Engine) -> None:
             "tp_size": engine.tp_size,
             "zero_stage": engine.zero_stage,
             "born_partitioned": engine.born_partitioned,
+            "built": engine.built,
             "activation_checkpointing": engine.activation_checkpointing,
             "params": engine.layout(),
         },

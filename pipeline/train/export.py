@@ -8,7 +8,9 @@ unless told otherwise) and written into size-capped safetensors shards, so peak 
 near one shard, not the fp32 model. The folder gets config.json, generation_config.json, the
 tokenizer files (an allow-list, not the whole folder) and the weights, and appears atomically
 only after AutoModelForCausalLM reloads it and its logits on the checkpoint's fixed batch
-(`parity.pt`, recorded by the training model when it saved) agree within tolerance.
+(`parity.pt`, recorded by the training model when it saved) agree within the tolerance of the
+coarser of the training precision (which the recorded logits carry) and the export dtype.
+Fine-tuning's export (pipeline/finetune/export.py) streams its checkpoints the same way.
 """
 
 from __future__ import annotations
@@ -67,10 +69,11 @@ def export_hf(
     tag = tag or checkpoint.latest_tag(run_dir)
     if tag is None:
         raise CheckpointError(f"{checkpoint.ckpt_root(run_dir)}/latest: not found; the run has no checkpoint")
-    precision = dtype or rcfg.parallel.precision
+    trained = rcfg.parallel.precision
+    precision = dtype or trained
     if precision not in DTYPES:
         raise CheckpointError(f"export dtype must be one of {list(DTYPES)}, got {precision!r}")
-    tensors = _checkpoint_tensors(run_dir, tag, rcfg)
+    tensors = checkpoint_tensors(run_dir, tag, rcfg.parallel.tp_size, rcfg.model.tie_embeddings)
     tokenizer_dir = _tokenizer_dir(rcfg)
     with atomic_dir(out_dir) as tmp:
         _write_config(rcfg, tmp, precision)
@@ -78,21 +81,35 @@ def export_hf(
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
-        check_parity(tmp, checkpoint.ckpt_root(run_dir) / tag / "parity.pt", precision, rcfg.model.vocab_size)
+        parity = checkpoint.ckpt_root(run_dir) / tag / "parity.pt"
+        check_parity(tmp, parity, precision, trained=trained)
     log.info("exported %s/checkpoints/%s to %s (%s)", run_dir, tag, out_dir, precision)
     return out_dir
 
 
-def _checkpoint_tensors(run_dir: Path, tag: str, rcfg: ResolvedPretrainConfig) -> dict:
-    """name -> lazy tensor (`.contiguous()` gives fp32) for the weights to export (tied copies left out)."""
+def checkpoint_tensors(run_dir: Path, tag: str, tp_size: int, tied: bool) -> dict:
+    """name -> lazy tensor (`.contiguous()` gives fp32) of a run's checkpoint, tied copies left out.
+
+    ZeRO-1/2/3 checkpoints are read through DeepSpeed's zero_to_fp32 (memory-mapped); AutoTP ones
+    through the universal format, converted once by this process (no collectives); ZeRO-0 ones
+    (no optimizer partitions) from the module's weights, in the training precision.
+    """
     from pipeline.runtime.engine import lazy_state_dict
 
     root = checkpoint.ckpt_root(run_dir)
-    if rcfg.parallel.tp_size > 1 or not any((root / tag).glob("*optim_states.pt")):
+    partitioned = any((root / tag).glob("*optim_states.pt"))
+    if tp_size > 1 and not partitioned:
+        raise CheckpointError(
+            f"{root / tag}: an AutoTP checkpoint without ZeRO optimizer partitions (zero_stage 0) cannot "
+            "be merged: DeepSpeed's universal conversion needs them; train AutoTP with zero_stage 1 or 2"
+        )
+    if tp_size > 1:
         tensors = _universal_tensors(run_dir, tag)
+    elif not partitioned:
+        tensors = _module_tensors(root / tag)
     else:
         tensors = lazy_state_dict(root, tag)
-    if rcfg.model.tie_embeddings:
+    if tied:
         tensors.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
     return tensors
 
@@ -109,9 +126,20 @@ class _UniversalTensor:
         return obj["param"] if isinstance(obj, dict) else obj
 
 
+def _module_tensors(folder: Path) -> dict:
+    """The module's weights of a ZeRO-0 checkpoint (mp_rank_00_model_states.pt, memory-mapped). They are
+    the training precision's: under bf16 the fp32 masters live only in the optimizer's flat groups."""
+    path = folder / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder}: neither ZeRO optimizer partitions nor {path.name}: not a checkpoint"
+        )
+    return dict(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["module"])
+
+
 def _universal_tensors(run_dir: Path, tag: str) -> dict:
     """Lazy tensors of checkpoints/<tag> converted to the universal format (AutoTP checkpoints)."""
-    utag = tag if tag.startswith(checkpoint.UNIVERSAL_PREFIX) else checkpoint.prepare_universal(run_dir, tag)
+    utag = tag if tag.startswith(checkpoint.UNIVERSAL_PREFIX) else checkpoint.convert_universal(run_dir, tag)
     zero = checkpoint.ckpt_root(run_dir) / utag / "zero"
     return {
         p.name: _UniversalTensor(p / "fp32.pt") for p in sorted(zero.iterdir()) if (p / "fp32.pt").is_file()
@@ -180,18 +208,24 @@ def _tokenizer_dir(rcfg: ResolvedPretrainConfig) -> Path:
     raise DataError(f"{path}: tokenizer folder (recorded in {rcfg.data.tokens}/manifest.json) not found")
 
 
-def check_parity(folder: Path, parity_file: Path, precision: str, vocab_size: int) -> dict:
-    """Reload `folder` and compare its logits with the training model's on the recorded batch.
+def check_parity(
+    folder: Path, parity_file: Path, dtype: str, *, trained: str | None = None, classify: bool = False
+) -> dict:
+    """Reload `folder` in `dtype` and compare its logits with the training model's on the recorded batch.
 
-    CheckpointError when they differ beyond PARITY_TOL (or, without a recorded batch, when the
+    The tolerance (PARITY_TOL, relative to the largest reference logit) is the coarser of the export
+    dtype's and the training precision's: the reference logits carry the training precision's
+    rounding (parity.pt's "precision"; else `trained`), so an fp32 export of a bf16 run is held to
+    bf16's tolerance, not fp32's. CheckpointError beyond it (or, without a recorded batch, when the
     logits are not finite). Returns {max_abs_diff, tolerance, top1_agreement}.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[precision]).eval()
+    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    model = cls.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
     if not parity_file.is_file():
         log.warning("%s missing (older checkpoint): only checking that logits are finite", parity_file)
-        check_reload(folder, vocab_size)
+        check_reload(folder, model)
         return {}
     ref = torch.load(parity_file, weights_only=True)
     with torch.no_grad():
@@ -201,10 +235,18 @@ def check_parity(folder: Path, parity_file: Path, precision: str, vocab_size: in
         raise CheckpointError(
             f"{folder}: logits shape {tuple(logits.shape)}, training model gave {tuple(want.shape)}"
         )
+    reference = ref.get("precision") or trained or dtype
     diff = float((logits - want).abs().max())
-    tol = PARITY_TOL[precision] * max(1.0, float(want.abs().max()))
+    tol = max(PARITY_TOL[reference], PARITY_TOL[dtype]) * max(1.0, float(want.abs().max()))
     top1 = float((logits.argmax(-1) == want.argmax(-1)).float().mean())
-    log.info("export parity: max |logit diff| %.3g (tolerance %.3g), top-1 agreement %.3f", diff, tol, top1)
+    log.info(
+        "export parity (%s export of a %s run): max |logit diff| %.3g (tolerance %.3g), top-1 agreement %.3f",
+        dtype,
+        reference,
+        diff,
+        tol,
+        top1,
+    )
     if not diff <= tol:
         raise CheckpointError(
             f"{folder}: exported model's logits differ from the training model's by {diff:.3g} "
@@ -213,13 +255,28 @@ def check_parity(folder: Path, parity_file: Path, precision: str, vocab_size: in
     return {"max_abs_diff": diff, "tolerance": tol, "top1_agreement": top1}
 
 
-def check_reload(folder: Path, vocab_size: int) -> None:
-    """Load `folder` with AutoModelForCausalLM and require finite logits of the right shape."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.arange(min(8, vocab_size)).unsqueeze(0)
+def check_reload(folder: Path, model: torch.nn.Module) -> None:
+    """Require finite logits of the right width from the reloaded model of `folder`."""
+    width = model.config.vocab_size if hasattr(model, "lm_head") else model.config.num_labels
+    ids = torch.arange(min(8, model.config.vocab_size)).unsqueeze(0)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
-    if logits.shape[-1] != vocab_size or not torch.isfinite(logits).all():
+    if logits.shape[-1] != width or not torch.isfinite(logits).all():
         raise CheckpointError(f"{folder}: reloaded model gives bad logits (shape {tuple(logits.shape)})")
+
+
+def check_names(tensors: dict, config, classify: bool, where: str) -> None:
+    """CheckpointError unless the checkpoint has exactly the weights the model of `config` has (only a
+    tied lm_head may be missing); checked on the meta device, so no memory is used."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    with torch.device("meta"):
+        want = set(cls.from_config(config).state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        want.discard("lm_head.weight")
+    missing, unexpected = sorted(want - set(tensors)), sorted(set(tensors) - want)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where} does not match the model's config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -11,19 +11,22 @@ non-finite and spike guards; metrics) is the runtime's: pipeline/runtime/trainer
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 
 import numpy as np
 
 from pipeline import dist
+from pipeline.data.manifest import ChecksumRecord, verify_manifest
 from pipeline.errors import DataError
 from pipeline.io import sha256_file
 from pipeline.model.build import build_model
 from pipeline.runtime.engine import Engine
 from pipeline.runtime.task import Batch, Task, count_lm_targets, evaluate_lm, lm_loss_sum
-from pipeline.runtime.trainer import Job, RunResult, run_training
+from pipeline.runtime.trainer import Job, RunResult, main_only, run_training
 from pipeline.runtime.worker import exit_worker
 from pipeline.train.config import PretrainConfig, ResolvedPretrainConfig, resolve
+from pipeline.train.export import DTYPES
 from pipeline.train.loader import BlendedLoader, TokenLoader, open_blend, open_split
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ def prepare(cfg: PretrainConfig) -> Job:
     """The pretraining job: resolved config, verified data, and the model to build."""
     rcfg = resolve(cfg, dist.world_size())
     d = rcfg.derived
+    if rcfg.data.verify_checksums:  # rank 0 hashes; the others wait outside any collective
+        main_only(rcfg.run_dir, "shard_checksums", partial(verify_checksums, rcfg))
     train_data, valid_data = open_loaders(rcfg)
     return Job(
         run_dir=rcfg.run_dir,
@@ -93,32 +98,56 @@ def prepare(cfg: PretrainConfig) -> Job:
         loop=rcfg.train,
         max_steps=rcfg.train.max_steps,
         task=PretrainTask(rcfg, train_data, valid_data),
-        model_fn=partial(build_model, rcfg.model, bos_id=d.bos_id, eos_id=d.eos_id, pad_id=d.pad_id),
+        model_fn=partial(
+            build_model,
+            rcfg.model,
+            bos_id=d.bos_id,
+            eos_id=d.eos_id,
+            pad_id=d.pad_id,
+            dtype=DTYPES[rcfg.parallel.precision],  # built in the training precision
+        ),
         flops_per_token=d.flops_per_token,
         name=rcfg.run.name,
     )
 
 
-def open_loaders(rcfg: ResolvedPretrainConfig) -> tuple[TokenLoader | BlendedLoader, TokenLoader | None]:
-    """Verified train loader and, when the valid split has a sample, a valid loader (unshuffled)."""
-    data = rcfg.data
-    # Checksums are read once (rank 0); other ranks check the manifest's structure and fingerprint.
-    checksums = data.verify_checksums and dist.is_main()
-    prefixes = open_split(
-        data.tokens, "train", checksums=checksums, fingerprint=rcfg.derived.tokenizer_fingerprint
+CHECKSUM_RECORD = "verified_shards.json"
+"""In the run directory: the shard files whose sha256 matched (ChecksumRecord), so a requeue or a resume
+hashes only files that changed."""
+
+
+def verify_checksums(rcfg: ResolvedPretrainConfig) -> None:
+    """The sha256 of every shard file of every token folder the run reads (unchanged ones once only)."""
+    record = ChecksumRecord(rcfg.run_dir / CHECKSUM_RECORD)
+    t0 = time.perf_counter()
+    for tokens in [rcfg.data.tokens, *(b.tokens for b in rcfg.data.blend)]:
+        verify_manifest(tokens, checksums=True, fingerprint=rcfg.derived.tokenizer_fingerprint, record=record)
+    log.info(
+        "shard checksums: %d files hashed, %d unchanged since verified (%s), %.1f s",
+        record.hashed,
+        record.skipped,
+        record.path,
+        time.perf_counter() - t0,
     )
+
+
+def open_loaders(rcfg: ResolvedPretrainConfig) -> tuple[TokenLoader | BlendedLoader, TokenLoader | None]:
+    """Train loader and, when the valid split has a sample, a valid loader (unshuffled), after checking
+    the manifests' structure and tokenizer fingerprint (the checksums are verify_checksums')."""
+    data = rcfg.data
+    fingerprint = rcfg.derived.tokenizer_fingerprint
+    prefixes = open_split(data.tokens, "train", checksums=False, fingerprint=fingerprint)
     if data.blend:  # every folder verified against the same tokenizer fingerprint
         train_data = open_blend(
             [(b.tokens, b.weight) for b in data.blend],
             "train",
             data.seq_len,
             data.seed,
-            checksums=checksums,
-            fingerprint=rcfg.derived.tokenizer_fingerprint,
+            checksums=False,
+            fingerprint=fingerprint,
         )
     else:
         train_data = TokenLoader(prefixes, data.seq_len, data.seed, name=f"{data.tokens} (train)")
-    dist.barrier()
     valid_prefixes = open_split(data.tokens, "valid", checksums=False)
     try:
         valid_data = TokenLoader(valid_prefixes, data.seq_len, data.seed, shuffle=False)
