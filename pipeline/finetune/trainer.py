@@ -25,6 +25,7 @@ from pipeline.finetune import sft
 from pipeline.finetune.adapters import apply_lora
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
 from pipeline.finetune.export import export_finetuned, model_config
+from pipeline.finetune.heads import init_new_weights
 from pipeline.finetune.tasks import FinetuneTask, build_task
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
@@ -48,6 +49,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
     try:
         if dist.is_main():
             export_finetuned(cfg, tag, task.init_dir, getattr(task, "labels", None), task.pad_id)
+            task.finish(tag)  # the task's closing report (classify: from the exported step's predictions)
         dist.barrier()
     except Exception as exc:
         write_status(
@@ -144,7 +146,12 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
     kwargs = dict(dtype=_DTYPES[cfg.parallel.precision], attn_implementation="sdpa", local_files_only=True)
     if cfg.task == "classify":
         config = model_config(init_dir, "classify", labels, pad_id)
-        model = AutoModelForSequenceClassification.from_pretrained(init_dir, config=config, **kwargs)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            init_dir, config=config, output_loading_info=True, **kwargs
+        )
+        # the new head from the run's seed, the same on every rank and in every run of this config
+        new = init_new_weights(model, loading["missing_keys"], cfg.run.seed)
+        log.info("initialised new parameters %s from seed %d", new, cfg.run.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(init_dir, **kwargs)
     model.config.use_cache = False  # no KV cache while training
