@@ -96,7 +96,19 @@ def prepare(cfg: PretrainConfig) -> Job:
         model_fn=partial(build_model, rcfg.model, bos_id=d.bos_id, eos_id=d.eos_id, pad_id=d.pad_id),
         flops_per_token=d.flops_per_token,
         name=rcfg.run.name,
+        evaluators=task_evaluators(rcfg),
     )
+
+
+def task_evaluators(rcfg: ResolvedPretrainConfig) -> list:
+    """The in-loop lm-eval evaluator of `train.eval_tasks` (none when the list is empty)."""
+    t = rcfg.train
+    if not t.eval_tasks:
+        return []
+    from pipeline.deploy.harness import TaskEvaluator
+    from pipeline.train.export import _tokenizer_dir
+
+    return [TaskEvaluator(list(t.eval_tasks), _tokenizer_dir(rcfg), t.eval_tasks_every, t.eval_tasks_limit)]
 
 
 def open_loaders(rcfg: ResolvedPretrainConfig) -> tuple[TokenLoader | BlendedLoader, TokenLoader | None]:
