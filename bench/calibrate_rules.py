@@ -80,7 +80,7 @@ def kept_share(docs: list, language: str) -> dict[str, float]:
     out = {}
     for name in ("gopher_repetition", "gopher_quality", "fineweb"):
         getattr(cfg, name).enabled = True
-        stage = FILTERS[name](cfg)
+        stage = FILTERS[name](cfg, {})
         kept, _ = stage.process(list(docs))
         out[name] = len(kept) / max(len(docs), 1) if language in stage.languages else float("nan")
         getattr(cfg, name).enabled = False

@@ -7,7 +7,7 @@
 #
 #   bash launch/setup.sh --cuda dev && bash bench/gpu_acceptance.sh
 #
-# Each part has its own time limit (GM_TEST_TIMEOUT, default 290 s; GM_BENCH_TIMEOUT, 75 s per model),
+# GM_TESTS narrows what pytest collects (default tests/). Each part has its own time limit (GM_TEST_TIMEOUT, default 290 s; GM_BENCH_TIMEOUT, 75 s per model),
 # and whatever is skipped or times out is said, with the reason. Logs go to $GM_OUT (default a temp dir).
 # Goals (issue 11): 1.3B ZeRO-3 bf16 at least 45% MFU, and our tokens/s at least 0.95x the bare loop.
 set -u
@@ -36,7 +36,7 @@ say "$gpus GPU(s): $("$PY" -c "import torch; print(torch.cuda.get_device_name(0)
 [ "$gpus" -lt 2 ] && notes+=("2-GPU ZeRO-3 and AutoTP tests skipped (1 GPU)")
 
 # 1. the tests marked gpu (pytest says which it skipped, and why)
-timeout -k 10 "${GM_TEST_TIMEOUT:-290}" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider \
+timeout -k 10 "${GM_TEST_TIMEOUT:-290}" "$PY" -m pytest "${GM_TESTS:-tests}" -m gpu -q -rs -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 test_rc=${PIPESTATUS[0]}
 tests=$("$PY" - "$OUT/tests.xml" <<'EOF'

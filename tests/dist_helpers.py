@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +250,36 @@ def check(proc, rc: int = 0) -> None:
         pytest.fail(
             f"rc={proc.returncode} (want {rc})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
+
+
+def run_ranks(fn: Callable, world_size: int = 2, timeout: float = 300, **kwargs) -> None:
+    """Run module-level `fn(rank, world_size, **kwargs)` in `world_size` spawned processes that form a
+    CPU process group (the environment the deepspeed launcher gives a rank: RANK, WORLD_SIZE,
+    MASTER_PORT, ..., DS_ACCELERATOR=cpu, offline, one thread each). A rank's exception fails the test
+    with its traceback; a run past `timeout` seconds is killed and fails it (never a hang)."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.start_processes(
+        _rank_main, args=(fn, world_size, port, kwargs), nprocs=world_size, start_method="spawn", join=False
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"{fn.__name__}: {world_size} ranks still running after {timeout:.0f} s; killed")
+    finally:
+        remove_shm(port)
+
+
+def _rank_main(rank: int, fn: Callable, world_size: int, port: int, kwargs: dict) -> None:
+    import torch
+
+    env = worker_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size)})
+    env.update(LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(env)
+    os.environ.pop("GRISTMILL_FAULTS", None)
+    torch.set_num_threads(1)
+    fn(rank, world_size, **kwargs)

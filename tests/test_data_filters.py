@@ -47,7 +47,10 @@ def test_min_length_reasons():
     assert counts.dropped == {"empty": 1, "too_short": 1}
 
 
-def test_registry_and_chain_from_config():
+def test_registry_and_chain_from_config(tmp_path):
+    from pipeline.data.decontam import EvalSetConfig
+    from pipeline.data.langid import bundled_model_path
+
     chain = build_filters(CleanConfig(min_chars=5))
     assert [s.name for s in chain] == ["normalize", "min_length"] and chain[1].min_chars == 5
     # one registry entry per `filters` section that can be enabled, each building its own stage
@@ -56,6 +59,11 @@ def test_registry_and_chain_from_config():
     cfg = FiltersConfig()
     for name in FILTERS:
         getattr(cfg, name).enabled = True
+    cfg.quality_model.model, cfg.quality_model.positive_label = bundled_model_path(), "en"
+    (tmp_path / "eval.jsonl").write_text(
+        '{"text": "an evaluation item long enough to be indexed by its n-grams"}\n'
+    )
+    cfg.decontam.eval_sets = [EvalSetConfig("e", tmp_path / "eval.jsonl")]
     assert [s.name for s in build_quality(cfg)] == list(FILTERS)
 
 

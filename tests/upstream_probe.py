@@ -22,6 +22,7 @@ from pipeline.model.build import build_model  # noqa: E402
 from pipeline.model.config import ModelConfig  # noqa: E402
 from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig  # noqa: E402
 from pipeline.runtime.engine import Engine, ds_config  # noqa: E402
+from pipeline.runtime.task import lm_loss_sum  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, max_seq_len=16)
 
@@ -54,7 +55,7 @@ def main() -> None:
     root = Path(sys.argv[1])
     first = engine(universal=False)
     ids = torch.randint(3, 64, (2, 16))
-    first.forward_backward({"input_ids": ids, "labels": ids}, normalizer=2 * 15)
+    first.backward(lm_loss_sum(first, {"input_ids": ids, "labels": ids}), normalizer=2 * 15)
     first.step()
     first.save(root, "step_1", {})
     before = observe(first)

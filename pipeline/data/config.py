@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pipeline.data.decontam import DecontamConfig
 from pipeline.data.languages import check_language
+from pipeline.data.quality_model import QualityModelConfig
 from pipeline.errors import ConfigError
 
 
@@ -325,7 +327,8 @@ class PiiConfig:
 
 @dataclass
 class FiltersConfig:
-    """Quality filters, run in FineWeb's order: langid, Gopher repetition, Gopher quality, C4, FineWeb, PII."""
+    """Filters, in this order (filters.FILTERS): FineWeb's (langid, Gopher repetition, Gopher quality,
+    C4, FineWeb, PII), then the learned quality score and decontamination."""
 
     langid: LangIdConfig = field(default_factory=LangIdConfig)
     gopher_repetition: GopherRepetitionConfig = field(default_factory=GopherRepetitionConfig)
@@ -333,8 +336,13 @@ class FiltersConfig:
     c4: C4Config = field(default_factory=C4Config)
     fineweb: FineWebConfig = field(default_factory=FineWebConfig)
     pii: PiiConfig = field(default_factory=PiiConfig)
+    quality_model: QualityModelConfig = field(default_factory=QualityModelConfig)
+    """A learned fastText quality classifier (pipeline/data/quality_model.py; README: your own quality model)."""
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    """Evaluation-set n-gram removal (pipeline/data/decontam.py)."""
     skip_sources: list[str] = field(default_factory=list)
-    """Document sources (e.g. "wikipedia") that bypass the quality rules (langid and PII still apply)."""
+    """Document sources (e.g. "wikipedia") that bypass the quality rules and the quality model
+    (langid, PII and decontamination still apply)."""
     write_scores: bool = False
     """Write the measured features (word count, ratios, language score) into `meta["scores"]`."""
     default_language: str | None = None
@@ -415,7 +423,7 @@ class TokenizeConfig:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
 
 
-STEPS = ("clean", "dedup", "tokenize")
+STEPS = ("clean", "dedup", "select", "tokenize")
 
 
 @dataclass
@@ -429,8 +437,11 @@ class DataConfig:
     format: str = "auto"
     """Input format: "auto" picks one per file from its name (.xml[.bz2|.gz], .jsonl[.gz|.zst], .json.gz,
     .parquet, .warc[.gz], .warc.wet.gz, a folder saved by `datasets`), or a name in `formats.FORMATS`."""
-    steps: list[Literal["clean", "dedup", "tokenize"]] = field(default_factory=lambda: ["clean", "tokenize"])
-    """Which steps to run, in this order; each reads what the step before it wrote."""
+    steps: list[Literal["clean", "dedup", "select", "tokenize"]] = field(
+        default_factory=lambda: ["clean", "tokenize"]
+    )
+    """Which steps to run, in this order; each reads what the step before it wrote. `select` keeps
+    the job's best `filters.quality_model.top_fraction` (with `keep: top_fraction`)."""
     max_error_fraction: float = 0.01
     """A shard whose unreadable records exceed this share of its records fails with a DataError."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -453,9 +464,24 @@ class DataConfig:
 
         if self.format != "auto" and self.format not in FORMATS:
             raise ConfigError("format", f"must be auto or one of {', '.join(FORMATS)}, got {self.format!r}")
+        self._check_select()
         if "tokenize" in self.steps and self.tokenize.tokenizer is None:
             raise ConfigError(
                 "tokenize.tokenizer", f"is required when steps include 'tokenize'; {TRAIN_HINT}"
+            )
+
+    def _check_select(self) -> None:
+        """`select` runs exactly when a job that cleans has a quality model with keep: top_fraction."""
+        selects = self.filters.quality_model.selects
+        if "select" in self.steps and not selects:
+            raise ConfigError(
+                "steps", "'select' applies filters.quality_model with keep: top_fraction, which is not on"
+            )
+        if selects and "clean" in self.steps and "select" not in self.steps:
+            raise ConfigError(
+                "filters.quality_model.keep",
+                "top_fraction is applied by the 'select' step after clean (and dedup): add it to steps, "
+                "e.g. steps: [clean, dedup, select, tokenize]",
             )
 
 

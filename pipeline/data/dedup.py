@@ -238,13 +238,17 @@ def drops_path(work: Path, shard: int) -> Path:
     return work / f"drops-{shard:06d}.npy"
 
 
-def apply_dedup(src: Path, dst: Path, stats_path: Path, drops: Path, dedup_hash: str) -> dict:
-    """Copy cleaned shard `src` to `dst` without its duplicates, cluster sizes in meta; stats.json written last."""
+def apply_dedup(
+    src: Path, dst: Path, stats_path: Path, drops: Path, dedup_hash: str, carry: tuple = ()
+) -> dict:
+    """Copy cleaned shard `src` to `dst` without its duplicates, cluster sizes in meta; stats.json written last.
+    `carry`: (from, to) pairs of per-row arrays of `src` (`.npy`, a row per document: quality scores),
+    written for the kept rows."""
     import zstandard
 
     rows, reasons, sizes = np.load(drops)
     decided = dict(zip(rows.tolist(), zip(reasons.tolist(), sizes.tolist())))
-    counts = Counts()
+    counts, kept = Counts(), []
     with atomic_write(dst, "wb") as fh:
         writer = zstandard.ZstdCompressor(level=3).stream_writer(fh, closefd=False)
         for row, rec in enumerate(read_jsonl_zst(src)):
@@ -253,9 +257,13 @@ def apply_dedup(src: Path, dst: Path, stats_path: Path, drops: Path, dedup_hash:
                 counts.drop(REASONS[reason])
                 continue
             counts.kept += 1
+            kept.append(row)
             rec["meta"] = {**(rec.get("meta") or {}), "dedup_cluster_size": size}
             writer.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
         writer.flush(zstandard.FLUSH_FRAME)
+    for a, b in carry:
+        with atomic_write(b, "wb") as fh:
+            np.save(fh, np.load(a)[kept])
     stats = {"input": src.name, "config_hash": dedup_hash, "counts": counts.to_dict()}
     stats["bytes_out"] = dst.stat().st_size
     write_json(stats_path, stats)

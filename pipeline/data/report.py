@@ -16,6 +16,8 @@ def funnel(report: dict) -> list[dict]:
     rows = list(report.get("clean", {}).get("stages", []))
     if "dedup" in report:
         rows.append({"name": "dedup", **report["dedup"]["totals"]})
+    if "select" in report:
+        rows.append({"name": "select", **report["select"]["totals"]})
     return rows
 
 
@@ -53,6 +55,8 @@ def render_markdown(report: dict) -> str:
     lines += _language_section(clean)
     lines += _noted_section(clean)
     lines += _dedup_section(report.get("dedup"))
+    lines += _quality_section(clean, report.get("select"))
+    lines += _decontam_section((clean or {}).get("decontam"))
     lines += _shard_section(clean)
     lines += _web_section(clean)
     return "\n".join(lines) + "\n"
@@ -128,6 +132,59 @@ def _dedup_section(d: dict | None) -> list[str]:
         f"(largest {c['largest']}); of every group of equal or near-equal documents the first (by shard "
         f"name, then position) is kept. Cluster sizes: {hist}.",
     ]
+
+
+def _quality_section(clean: dict | None, select: dict | None) -> list[str]:
+    """The learned quality score's funnel: scored, dropped by threshold, the job-wide cut."""
+    row = next((r for r in (clean or {}).get("stages", []) if r["name"] == "quality_model"), None)
+    if row is None and not select:
+        return []
+    out = ["", "## Learned quality score", ""]
+    if row is not None:
+        unscored = row.get("noted", {}).get("unscored", 0)
+        out.append(
+            f"Clean step: {row['in']:,} documents in, {row['in'] - unscored - sum(row['errors'].values()):,} "
+            f"scored, {unscored:,} of skipped sources passed unscored, "
+            f"{row['dropped'].get('low_quality', 0):,} dropped below the threshold."
+        )
+    if select:
+        c = select["cut"]
+        out += [
+            "",
+            f"Select step: the best {c['top_fraction']:.0%} of {c['scored']:,} scored documents "
+            f"(target {c['target']:,}): score >= {c['threshold']:.6f} keeps {c['kept']:,} (ties at the cut "
+            f"are kept); {select['totals']['kept']:,} documents out, unscored ones included.",
+        ]
+        if c["tenths"]:
+            out += ["", "| score | " + " | ".join(f"{i / 10:.1f}-" for i in range(10)) + " |"]
+            out += [
+                "|---|" + "---:|" * 10,
+                "| documents | " + " | ".join(f"{n:,}" for n in c["tenths"]) + " |",
+            ]
+    return out
+
+
+def _decontam_section(sets: dict | None) -> list[str]:
+    """Per evaluation set: what was indexed, then the documents that matched it per input file."""
+    if sets is None:
+        return []
+    out = [
+        "",
+        "## Decontamination",
+        "",
+        "| evaluation set | records | texts | too short | n-grams | matched |",
+    ]
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for name, st in sets.items():
+        matched = sum(st["matched"].values())
+        out.append(
+            f"| {name} | {st['records']:,} | {st['texts']:,} | {st['too_short']:,} | {st['ngrams']:,} | {matched:,} |"
+        )
+    rows = [(name, src, n) for name, st in sets.items() for src, n in sorted(st["matched"].items())]
+    if rows:
+        out += ["", "| evaluation set | input file | documents matched |", "|---|---|---:|"]
+        out += [f"| {name} | {src} | {n:,} |" for name, src, n in rows]
+    return out
 
 
 def _shard_section(clean: dict | None) -> list[str]:

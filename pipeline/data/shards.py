@@ -1,5 +1,6 @@
 """Cleaned shards: one input file in, `cleaned/<stem>.jsonl.zst` + `cleaned/<stem>.stats.json` out
-(+ `cleaned/<stem>.sig.npy`, the dedup signatures of the kept documents, when the job dedups).
+(+ `cleaned/<stem>.sig.npy`, the dedup signatures of the kept documents, when the job dedups, and
+`cleaned/<stem>.quality.npy`, their quality scores, when the job's `select` step cuts by them).
 
 `clean_file` is the whole per-file job (read -> extract -> filters -> write) in plain Python,
 so the Ray runner only schedules it and a test can call it directly. Memory stays flat: the
@@ -23,10 +24,12 @@ import zstandard
 
 from pipeline.config import config_hash
 from pipeline.data.config import DataConfig
+from pipeline.data.decontam import index_fingerprint
 from pipeline.data.dedup import MinHasher, write_signatures
 from pipeline.data.document import Counts, Document
 from pipeline.data.filters import build_filters, build_quality
 from pipeline.data.formats import detect_format, extraction_stages, open_reader
+from pipeline.data.quality_model import model_fingerprint, score_units, write_scores
 from pipeline.data.readers import input_stem
 from pipeline.data.stage import Stage, run_stages
 from pipeline.errors import DataError
@@ -44,6 +47,10 @@ def clean_hash(cfg: DataConfig) -> str:
     """Hash of everything that decides a cleaned shard's bytes (not output_dir, ray or tokenize)."""
     parts = {"version": CLEAN_VERSION, "format": cfg.format, "read": cfg.read, "clean": cfg.clean}
     parts["filters"] = cfg.filters
+    if cfg.filters.quality_model.enabled:  # a retrained model or new evaluation files redo the shards
+        parts["quality_model"] = model_fingerprint(cfg.filters.quality_model)
+    if cfg.filters.decontam.enabled:
+        parts["decontam"] = index_fingerprint(cfg.filters.decontam)
     if "dedup" in cfg.steps:  # the signatures are part of the shard then
         parts["dedup"] = cfg.dedup.signature_settings()
     return config_hash(parts)
@@ -78,6 +85,11 @@ def sig_path(cleaned_dir: Path, src: str | Path | Unit) -> Path:
     return cleaned_dir / f"{unit_name(src)}.sig.npy"
 
 
+def score_path(folder: Path, src: str | Path | Unit) -> Path:
+    """`<stem>.quality.npy`: the quality score of each document of the shard in `folder`, in shard order."""
+    return folder / f"{unit_name(src)}.quality.npy"
+
+
 def finished_stats(cleaned_dir: Path, src: str | Path | Unit, cfg_hash: str) -> dict | None:
     """The recorded stats if `src`'s shard is complete and was made with `cfg_hash`, else None."""
     data_path, stats_path = shard_paths(cleaned_dir, src)
@@ -90,8 +102,11 @@ def finished_stats(cleaned_dir: Path, src: str | Path | Unit, cfg_hash: str) -> 
     return stats if stats.get("config_hash") == cfg_hash else None
 
 
-def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str) -> dict:
-    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone."""
+def clean_file(
+    src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: str, shared: dict | None = None
+) -> dict:
+    """Clean one input (file or range) into its shard and return its stats; a finished shard is not redone.
+    `shared`: the filters' job-wide objects (filters.build_shared), built here when None."""
     unit = src if isinstance(src, Unit) else Unit(Path(src))
     done = finished_stats(cleaned_dir, unit, cfg_hash)
     if done is not None:
@@ -103,18 +118,21 @@ def clean_file(src: Path | Unit, cleaned_dir: Path, cfg: DataConfig, cfg_hash: s
     stages: list[Stage] = [
         *extraction_stages(fmt, reader.site, cfg.read),
         *build_filters(cfg.clean),
-        *build_quality(cfg.filters),
+        *build_quality(cfg.filters, shared),
     ]
     per_stage = {stage.name: Counts() for stage in stages}
     data_path, stats_path = shard_paths(cleaned_dir, unit)
     hasher = MinHasher(cfg.dedup) if "dedup" in cfg.steps else None
     sigs: list = []
+    scores: list[int] | None = [] if cfg.filters.quality_model.selects else None
     with atomic_write(data_path, "wb") as fh:
-        chars = _write_docs(fh, _clean_batches(reader, stages, per_stage), hasher, sigs)
+        chars = _write_docs(fh, _clean_batches(reader, stages, per_stage), hasher, sigs, scores)
         stats = _stats(unit, reader.counts, per_stage, cfg_hash, chars)
         _check_error_fraction(src, stats["totals"], cfg.max_error_fraction)  # raising here leaves no shard
     if hasher is not None:
         write_signatures(sig_path(cleaned_dir, unit), sigs, cfg.dedup.bands)
+    if scores is not None:
+        write_scores(score_path(cleaned_dir, unit), scores)
     stats["format"] = fmt
     stats["bytes_out"] = data_path.stat().st_size
     write_json(stats_path, stats)
@@ -129,10 +147,14 @@ def _clean_batches(reader: Iterable[Document], stages: list[Stage], per_stage: d
 
 
 def _write_docs(
-    fh, docs: Iterable[Document], hasher: MinHasher | None = None, sigs: list | None = None
+    fh,
+    docs: Iterable[Document],
+    hasher: MinHasher | None = None,
+    sigs: list | None = None,
+    scores: list | None = None,
 ) -> int:
-    """Stream documents as zstd-compressed JSON lines into `fh` (and their dedup rows into `sigs`);
-    returns characters of text written."""
+    """Stream documents as zstd-compressed JSON lines into `fh` (their dedup rows into `sigs`, their
+    quality scores into `scores`); returns characters of text written."""
     chars = 0
     writer = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(fh, closefd=False)
     for doc in docs:
@@ -140,6 +162,8 @@ def _write_docs(
         chars += len(doc.text)
         if hasher is not None:
             sigs.append(hasher.row(doc.text))
+        if scores is not None:
+            scores.append(score_units(doc))
     writer.flush(zstandard.FLUSH_FRAME)  # end the frame: without it the file reads back silently short
     return chars
 

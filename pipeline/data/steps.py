@@ -9,13 +9,14 @@ objects through `job.share`. Two shapes cover the stages we have and the ones pl
   combine them (partitions, buckets) with nothing but small counters coming back to the
   driver, then one task per shard that applies the decisions.
 
-A stage that needs one read-only object in every worker (an n-gram index for decontamination, a
-classifier's weights) builds it once, `job.share(name, obj)`, and passes `job.shared(name)` in
-its calls: the task receives the object (numpy arrays without a copy). A job-wide threshold (keep
-the top 80% by a learned score) follows dedup's shape: scores written beside each cleaned shard,
-a step whose tasks reduce each shard to a fixed-size histogram (the driver adds them up), then
-one task per shard that applies the threshold. Either way: a function here, one `STEPS` entry,
-and its name in `DataConfig.steps`.
+A stage that needs one read-only object in every worker (decontamination's n-gram index) builds
+it once, `job.share(name, obj)`, and passes `job.shared(name)` in its calls: the task receives
+the object (numpy arrays without a copy); `run_clean` does this for the filters' `SHARED`
+objects. A job-wide threshold follows dedup's shape: `select` (keep the best `top_fraction` by
+the learned quality score) reads the scores written beside each shard, reduces each shard to
+fixed-size histograms (the driver adds them up and sets the threshold once), then runs one task
+per shard that applies it. Either way: a function here, one `STEPS` entry, and its name in
+`DataConfig.steps`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import config_hash, to_dict
-from pipeline.data import dedup
+from pipeline.data import dedup, quality_model
 from pipeline.data.config import TokenizeConfig
+from pipeline.data.decontam import MATCHED, NgramIndex
 from pipeline.data.document import Counts
-from pipeline.data.shards import Unit, clean_file, clean_hash, shard_paths, sig_path, unit_name
+from pipeline.data.filters import build_shared
+from pipeline.data.shards import Unit, clean_file, clean_hash, score_path, shard_paths, sig_path, unit_name
 from pipeline.errors import DataError
 from pipeline.io import remove_stale_temps, write_json
 
@@ -51,12 +54,32 @@ def run_clean(job: Job) -> dict:
     if n := remove_stale_temps(cleaned_dir):
         log.info("removed %d temporary files left by an interrupted run in %s", n, cleaned_dir)
     h = clean_hash(job.cfg)
+    shared = build_shared(job.cfg.filters)  # decontam's n-gram index: built once, never per task
+    job.share("filters", shared)
     # absolute paths: a worker on another node (or in another working directory) finds the same files
     units = [Unit(u.path.resolve(), u.byte_range) for u in job.units]
-    calls = [(u, cleaned_dir.resolve(), job.cfg, h) for u in units]
+    calls = [(u, cleaned_dir.resolve(), job.cfg, h, job.shared("filters")) for u in units]
     results = job.map(clean_file, calls, "clean", [unit_bytes(u) for u in units], lambda s: s["totals"]["in"])
     remove_stale_temps(cleaned_dir)  # every task is done: a temp file is what a killed, retried attempt left
-    return summarize_clean({u.name: stats for u, stats in zip(job.units, results)})
+    summary = summarize_clean({u.name: stats for u, stats in zip(job.units, results)})
+    if "decontam" in shared:
+        summary["decontam"] = decontam_summary(summary["shards"], shared["decontam"])
+    return summary
+
+
+def decontam_summary(shards: dict[str, dict], index: NgramIndex) -> dict:
+    """Per evaluation set: what was indexed, and the documents that matched it per input file."""
+    hits: dict[str, dict[str, int]] = {name: {} for name in index.names}
+    for stats in shards.values():
+        noted = next((e.get("noted", {}) for e in stats["stages"] if e["name"] == "decontam"), {})
+        for key, n in noted.items():
+            if key.startswith(MATCHED) and key[len(MATCHED) :] in hits:
+                per_input = hits[key[len(MATCHED) :]]
+                per_input[stats["input"]] = per_input.get(stats["input"], 0) + n
+    return {
+        name: {**{k: v for k, v in index.stats[name].items() if k != "path"}, "matched": hits[name]}
+        for name in index.names
+    }
 
 
 def unit_bytes(unit: Unit) -> int:
@@ -97,7 +120,14 @@ def run_dedup(job: Job) -> dict:
     parts = cfg.partitions or dedup_partitions(sigs, cfg.task_memory_mb, job.workers)
     found = dedup.decide(job.map, sigs, parts, work, cfg.exact, cfg.near)
     calls = [
-        (shard_paths(cleaned, u)[0].resolve(), dst.resolve(), stats.resolve(), dedup.drops_path(work, i), h)
+        (
+            shard_paths(cleaned, u)[0].resolve(),
+            dst.resolve(),
+            stats.resolve(),
+            dedup.drops_path(work, i),
+            h,
+            _carried(job, cleaned, deduped, u),
+        )
         for i, (u, (dst, stats)) in enumerate(zip(order, targets))
         if not _dedup_done(stats, h)
     ]
@@ -113,6 +143,13 @@ def run_dedup(job: Job) -> dict:
     write_json(deduped / "clusters.json", found)
     shutil.rmtree(work, ignore_errors=True)
     return {**_summarize_dedup(order, targets, found, skipped=False), "plan": plan}
+
+
+def _carried(job: Job, cleaned: Path, deduped: Path, unit: Unit) -> tuple:
+    """The per-row files dedup rewrites with a shard: its quality scores, when `select` follows."""
+    if "select" not in job.cfg.steps:
+        return ()
+    return ((score_path(cleaned, unit).resolve(), score_path(deduped, unit).resolve()),)
 
 
 def dedup_partitions(sigs: list[Path], task_memory_mb: int, workers: int) -> int:
@@ -194,8 +231,7 @@ def run_tokenize(job: Job) -> dict:
     from pipeline.data.manifest import write_manifest  # lazy: the clean step works without sentencepiece
 
     cfg = job.cfg
-    folder = job.out / ("deduped" if "dedup" in cfg.steps else "cleaned")
-    cleaned = [shard_paths(folder, u)[0] for u in job.units]
+    cleaned = [shard_paths(last_folder(job, "tokenize"), u)[0] for u in job.units]
     if missing := [str(p) for p in cleaned if not p.is_file()]:
         raise DataError(
             f"cleaned shards missing: {', '.join(missing)}; run the clean step first (steps=[clean,tokenize])"
@@ -222,7 +258,56 @@ def tokenize_shard(src: Path, tokens_dir: Path, tok: TokenizeConfig) -> list[dic
     return tokenize_file(src, tokens_dir, tok, shard_tokens=tok.shard_tokens)
 
 
-STEPS = {"clean": run_clean, "dedup": run_dedup, "tokenize": run_tokenize}
+def last_folder(job: Job, step: str) -> Path:
+    """Where the shards `step` reads are: the folder of the last step before it in `steps`."""
+    earlier = job.cfg.steps[: job.cfg.steps.index(step)]
+    for name, folder in (("select", "selected"), ("dedup", "deduped")):
+        if name in earlier:
+            return job.out / folder
+    return job.out / "cleaned"
+
+
+def run_select(job: Job) -> dict:
+    """Keep the job's best `filters.quality_model.top_fraction` by quality score: histograms of the
+    scores beside every shard -> one threshold -> one task per shard writes `selected/<stem>`."""
+    cfg, src_dir, selected = job.cfg.filters.quality_model, last_folder(job, "select"), job.out / "selected"
+    selected.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(selected)
+    order = sorted(job.units, key=unit_name)
+    shards = [(shard_paths(src_dir, u)[0].resolve(), score_path(src_dir, u).resolve()) for u in order]
+    if missing := [str(p) for pair in shards for p in pair if not p.is_file()]:
+        raise DataError(f"select: missing {', '.join(missing)}; run clean (and dedup) with select in steps")
+    cut = quality_model.find_threshold(job.map, [scores for _, scores in shards], cfg.top_fraction)
+    dedup_on = "dedup" in job.cfg.steps
+    upstream = {
+        "clean": clean_hash(job.cfg),
+        "dedup": job.cfg.dedup.decision_settings() if dedup_on else None,
+    }
+    h = config_hash({**upstream, "threshold": cut["threshold"]})
+    calls = [
+        (*pair, *[p.resolve() for p in shard_paths(selected, u)], cut["threshold"], h)
+        for pair, u in zip(shards, order)
+    ]
+    results = job.map(
+        quality_model.apply_select,
+        calls,
+        "select: write",
+        [p.stat().st_size for p, _ in shards],
+        lambda s: s["counts"]["in"],
+    )
+    remove_stale_temps(selected)
+    shard_counts = {unit_name(u): r["counts"] for u, r in zip(order, results)}
+    totals = Counts.merge([Counts.from_dict(c) for c in shard_counts.values()])
+    return {
+        "totals": totals.to_dict(),
+        "cut": {**cut, "threshold": cut["threshold"] / quality_model.SCALE},
+        "bytes_out": sum(r["bytes_out"] for r in results),
+        "shards_skipped": sum(bool(r.get("skipped")) for r in results),
+        "shards": shard_counts,
+    }
+
+
+STEPS = {"clean": run_clean, "dedup": run_dedup, "select": run_select, "tokenize": run_tokenize}
 """Step name (as `DataConfig.steps` lists it) -> its function; the job runs them in config order."""
 
 
@@ -244,6 +329,11 @@ def log_funnel(report: dict) -> None:
         log.info(
             "dedup: %d in, %d kept, dropped %s, %d clusters",
             d["totals"]["in"], d["totals"]["kept"], d["totals"]["dropped"] or "-", d["clusters"]["clusters"],
+        )  # fmt: skip
+    if (sel := report.get("select")) and (c := sel["cut"]):
+        log.info(
+            "select: best %.0f%% of %d scored documents: score >= %.6f keeps %d (%d in, %d kept after select)",
+            100 * c["top_fraction"], c["scored"], c["threshold"], c["kept"], sel["totals"]["in"], sel["totals"]["kept"],
         )  # fmt: skip
     if t := report.get("tokenize"):
         log.info("tokenize: %d shard entries, manifest %s", t["entries"], t["manifest"])

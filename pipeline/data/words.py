@@ -124,10 +124,11 @@ _EASY_SUFFIX = frozenset(",;:!?)]}.")
 
 # Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, kana, CJK
 # ideographs (extension A, the main block, compatibility forms, planes 2-3), halfwidth katakana.
-_UNSPACED_RUN = re.compile(
+UNSPACED_RUN = re.compile(
     "([\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
     "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]+)"
 )
+"""A run of characters of scripts written without spaces (one capture group, for `re.split`)."""
 
 
 def split_words(text: str, language: str | None = None) -> list[str]:
@@ -138,19 +139,21 @@ def split_words(text: str, language: str | None = None) -> list[str]:
         return [w for w in segment(text) if w and not w.isspace()]
     out: list[str] = []
     for chunk in text.split():
-        if chunk.isascii() or not _UNSPACED_RUN.search(chunk):
+        if chunk.isascii() or not UNSPACED_RUN.search(chunk):
             _split_spaced(chunk, out)
             continue
-        for i, piece in enumerate(_UNSPACED_RUN.split(chunk)):
+        for i, piece in enumerate(UNSPACED_RUN.split(chunk)):
             if i % 2:
-                out.extend(_characters(piece))  # no segmenter for this run: one word per character
+                out.extend(characters(piece))  # no segmenter for this run: one word per character
             elif piece:
                 _split_spaced(piece, out)
     return out
 
 
-def _characters(run: str) -> list[str]:
+def characters(run: str) -> list[str]:
     """One word per character, combining marks (Thai/Lao tone marks, vowel signs) kept on theirs."""
+    if run.isalpha():  # no combining mark (category M is not alphabetic): Chinese and kana runs
+        return list(run)
     out: list[str] = []
     for ch in run:
         if out and unicodedata.category(ch).startswith("M"):

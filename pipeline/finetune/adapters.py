@@ -5,12 +5,13 @@ target Linear (scaled by alpha / r), IA3's learned scaling vectors on keys, valu
 input, prefix tuning's per-layer key/value prefixes, prompt tuning's virtual input embeddings.
 For classification the new `score` head trains too (peft's SEQ_CLS task puts it in
 `modules_to_save`). The wrapped model goes into the same DeepSpeed engine as full fine-tuning
-(only trainable parameters reach the optimizer); its checkpoint holds the frozen weights as well,
-so `load_adapter_state` rebuilds the peft model from a consolidated state dict for export.
+(only trainable parameters reach the optimizer, and only they are checkpointed: the frozen ones
+are the starting weights), so `load_adapter_state` rebuilds the peft model from the starting
+weights and a consolidated checkpoint for export.
 
 Export: LoRA and IA3 fold into the weights (`merge_checked`: a plain transformers model whose
-logits equal the adapter model's); prefix and prompt tuning cannot be folded, so `export_unmerged`
-writes the untouched base model and the adapter folder and checks that
+logits equal the adapter model's); prefix and prompt tuning cannot be folded, so `write_unmerged`
+writes the untouched base model and the adapter folder and `check_unmerged` checks that
 `PeftModel.from_pretrained(base, adapter)` gives the trained model's logits. QLoRA is LoRA on a
 4-bit bitsandbytes base; bitsandbytes needs CUDA, so `require_qlora` refuses it elsewhere.
 """
@@ -39,6 +40,9 @@ MERGEABLE = ("lora", "ia3")  # methods whose parameters fold into the base weigh
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]  # the IA3 paper's keys, values and MLP input
 MLP_INPUTS = ("down_proj",)  # IA3 rescales these modules' input (the MLP's hidden activation)
+ADAPTER_DIR = "adapter"
+"""An export's adapter folder: `<run dir>/adapter` beside a merged model, `<out>/adapter` inside an
+unmerged one (the base model), where generate.py's load_model finds it."""
 
 
 def _task_type(task: str):
@@ -162,17 +166,14 @@ def apply_peft(model: torch.nn.Module, method: Method, section: PeftSection, tas
     with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, peft_config(method, section, task))
+    if method == "prefix":  # peft hands the prefixes over as past_key_values, which transformers deprecates
+        warnings.filterwarnings("ignore", r".*`past_key_values` is deprecated", FutureWarning)
     for p in peft_model.parameters():
         if p.requires_grad and not hasattr(p, "ds_id"):
             p.data = p.data.to(dtype)  # new parameters are born fp32; ZeRO wants one dtype (bf16 runs)
     trainable, total = count_params(peft_model)
     log.info("peft %s: %d of %d parameters train", method, trainable, total)
     return peft_model
-
-
-def apply_lora(model: torch.nn.Module, section: PeftSection, task: str) -> torch.nn.Module:
-    """`apply_peft` for method lora (the name today's fine-tuning loop calls)."""
-    return apply_peft(model, "lora", section, task)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -192,22 +193,19 @@ def without_adapters(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 
 def load_adapter_state(base: torch.nn.Module, method: Method, section: PeftSection, task: str, state: dict):
-    """The peft model with a consolidated checkpoint's `state` loaded (`base` is a freshly built base
-    model; peft adds the method's parameters to it). Tied lm_head weights may be absent from `state`."""
+    """The peft model with a consolidated checkpoint's `state` loaded (`base` holds the starting
+    weights; peft adds the method's parameters to it). Every trained parameter must be in `state`;
+    frozen ones may be absent (checkpoints of PEFT runs hold only what trains)."""
     peft_model = apply_peft(base, method, section, task)
     result = peft_model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trained]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"{method} checkpoint does not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return peft_model
-
-
-def load_lora_state(base: torch.nn.Module, section: PeftSection, task: str, state: dict):
-    """`load_adapter_state` for method lora (the name today's export calls)."""
-    return load_adapter_state(base, "lora", section, task, state)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -254,26 +252,46 @@ def _eval(model: torch.nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+def write_unmerged(peft_model, base_dir: Path, adapter_dir: Path) -> None:
+    """Write the untouched base model to `base_dir` and the adapter (peft's layout) to `adapter_dir`."""
+    save_base(peft_model, base_dir)
+    peft_model.save_pretrained(adapter_dir)
+
+
+def attach_adapter(base: torch.nn.Module, adapter_dir: Path):
+    """`base` with the adapter folder written by `write_unmerged` (a peft model in eval mode)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft calls transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
 @torch.no_grad()
+def check_unmerged(
+    peft_model, base_dir: Path, adapter_dir: Path, probe: torch.Tensor, atol: float = 1e-5
+) -> float:
+    """Max |logit diff| on `probe` between the trained model and `base_dir` + `adapter_dir` reloaded;
+    CheckpointError beyond `atol`."""
+    with _eval(peft_model):
+        want = peft_model(input_ids=probe).logits
+    base = type(peft_model.get_base_model()).from_pretrained(base_dir, local_files_only=True)
+    diff = _max_diff(want, attach_adapter(base.to(want.dtype), adapter_dir)(input_ids=probe).logits)
+    if diff > atol:
+        raise CheckpointError(
+            f"{adapter_dir}: base + adapter reloaded differ from the trained model: max |logit diff| {diff:.2e}"
+        )
+    return diff
+
+
 def export_unmerged(
     peft_model, base_out: Path, adapter_out: Path, probe: torch.Tensor, atol: float = 1e-5
 ) -> None:
     """Write the base model to `base_out` and the adapter to `adapter_out` (both atomically);
     CheckpointError unless `PeftModel.from_pretrained` of the two gives the trained model's logits."""
-    from peft import PeftModel
-
-    with _eval(peft_model):
-        want = peft_model(input_ids=probe).logits
     with atomic_dir(base_out) as base_tmp, atomic_dir(adapter_out) as adapter_tmp:
-        save_base(peft_model, base_tmp)
-        peft_model.save_pretrained(adapter_tmp)
-        base = type(peft_model.get_base_model()).from_pretrained(base_tmp, local_files_only=True)
-        reloaded = PeftModel.from_pretrained(base.to(want.dtype), adapter_tmp).eval()
-        diff = _max_diff(want, reloaded(input_ids=probe).logits)
-        if diff > atol:
-            raise CheckpointError(
-                f"{adapter_out}: base + adapter reloaded differ from the trained model: max |logit diff| {diff:.2e}"
-            )
+        write_unmerged(peft_model, base_tmp, adapter_tmp)
+        diff = check_unmerged(peft_model, base_tmp, adapter_tmp, probe, atol)
     log.info("exported base %s and adapter %s (max |logit diff| %.1e)", base_out, adapter_out, diff)
 
 

@@ -18,10 +18,6 @@ from typing import Literal
 from pipeline.errors import ConfigError
 from pipeline.runtime.config import BatchConfig, LoopConfig, OptimConfig, ParallelConfig, RunConfig
 
-# What today's fine-tuning loop runs; the one loop (issue 15) wires the rest and drops this guard.
-LOOP_TASKS = ("sft", "classify")
-LOOP_METHODS = ("full", "lora")
-
 
 @dataclass
 class FtRunConfig(RunConfig):
@@ -34,13 +30,16 @@ class SFTDataConfig:
     path: Path = Path("tests/data/sample/instructions.jsonl")
     """SFT: Alpaca {instruction, input, output}, self-instruct {instruction, instances} or chat
     {messages: [{role, content}]} records, in a JSON array file or JSONL. classify: a CSV, TSV or
-    JSONL file of labelled texts (see the `classify` section)."""
+    JSONL file of labelled texts (see the `classify` section). dpo: preference records, a prompt
+    with a chosen and a rejected answer (`{prompt, chosen, rejected}`, or chat `messages` with
+    chosen and rejected final assistant turns; pipeline/finetune/preferences.py lists the shapes)."""
     seq_len: int = 256
-    """Tokens per example (BOS + prompt + response + EOS); longer ones lose their end (counted as
-    `truncated` in metrics.jsonl)."""
+    """Tokens per example (BOS + prompt + response + EOS; for dpo, per side of a pair); longer ones
+    lose their end (counted as `truncated` in metrics.jsonl)."""
     template: Literal["alpaca", "chat"] = "alpaca"
-    """SFT prompt format of Alpaca records: the `### Instruction` template, or the tokenizer's chat
-    template (as one user turn and one assistant turn). Chat records always use the chat template."""
+    """Prompt format of Alpaca records (SFT) and text prompts (DPO): the `### Instruction` template,
+    or the tokenizer's chat template (as one user turn and one assistant turn). Chat records always
+    use the chat template."""
     pack: bool = False
     """SFT: pack several examples into each seq_len row (no attention across them); batches then
     count packed rows, not examples."""
@@ -129,7 +128,10 @@ class PeftSection:
 
 @dataclass
 class DPOSection:
-    """Direct preference optimisation (task dpo): pairs of a preferred and a rejected answer."""
+    """Direct preference optimisation (task dpo): pairs of a preferred and a rejected answer.
+
+    `batch.global_size` and `batch.micro_size` count pairs; a micro batch of m pairs is one forward
+    over 2m rows (the chosen ones, then the rejected ones)."""
 
     beta: float = 0.1
     """How far the policy may move from the reference: rewards are beta x log(policy / reference)."""
@@ -222,14 +224,6 @@ class FinetuneConfig:
             raise ConfigError(
                 "data.pack", f"{self.method} tuning ignores the position resets packing needs; set it false"
             )
-        if self.task not in LOOP_TASKS or self.method not in LOOP_METHODS:
-            key, value = ("task", self.task) if self.task not in LOOP_TASKS else ("method", self.method)
-            raise ConfigError(key, f"{value} is built but not yet run by the training loop (issue 15)")
-
-    @property
-    def lora(self) -> PeftSection:
-        """The `peft` section under its old name, for callers not yet moved to `peft`."""
-        return self.peft
 
     @property
     def run_dir(self) -> Path:

@@ -137,7 +137,7 @@ def pair_loss_sum(
     )
     per_pair = [mask, r_chosen, r_rejected, (r_chosen > r_rejected).float(), r_chosen - r_rejected]
     per_pair += [logps[:B].detach(), logps[B:].detach()]
-    stats = torch.stack([(x.double() * mask).sum() for x in per_pair]).cpu()
+    stats = torch.stack([(x.double() * mask).sum() for x in per_pair])  # on the device: no sync here
     return (losses * mask).sum(), stats
 
 
@@ -161,10 +161,12 @@ def reference_logps(
     pad_id: int,
     dp_rank: int = 0,
     dp_size: int = 1,
+    replicas: int = 1,
 ) -> torch.Tensor:
     """(N, 2) float64 [chosen, rejected] log-prob sums of every pair under `model` (the frozen starting
     model: for peft, call it inside `adapters.without_adapters`). Each rank scores its share, in the
-    same number of forwards on every rank (ZeRO-3 needs that); a sum over ranks completes the table."""
+    same number of forwards on every rank (ZeRO-3 needs that); a sum over ranks completes the table
+    (`replicas`: ranks that score the same share, the tensor-parallel size)."""
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
     device = next(model.parameters()).device
     was_training = model.training
@@ -182,7 +184,7 @@ def reference_logps(
                 table[index] = torch.stack([logps[:B], logps[B:]], dim=1).double().cpu()
     finally:
         model.train(was_training)
-    return dist.all_reduce_sum_(table)
+    return dist.all_reduce_sum_(table) / replicas
 
 
 def reference_path(run_dir: Path, cfg: DPOSection) -> Path:
@@ -255,6 +257,7 @@ def ensure_reference(
     pad_id: int,
     dp_rank: int = 0,
     dp_size: int = 1,
+    replicas: int = 1,
 ) -> list[Pair]:
     """`pairs` with reference log-probs from `path`, computing and writing it first when absent (every
     rank calls this; the batching arguments are reference_logps').
@@ -275,6 +278,7 @@ def ensure_reference(
             pad_id=pad_id,
             dp_rank=dp_rank,
             dp_size=dp_size,
+            replicas=replicas,
         )
         if dist.is_main():
             save_reference(path, pairs, table, meta)

@@ -35,7 +35,8 @@ class Prompt:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) from a save_pretrained folder, without network access."""
+    """(model in eval mode, tokenizer) from a save_pretrained folder, without network access; with
+    the folder's `adapter/` (a prefix- or prompt-tuning export) attached through peft."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +46,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32):
         raise DataError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    from pipeline.finetune.adapters import ADAPTER_DIR, attach_adapter
+
+    if (model_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        model = attach_adapter(model, model_dir / ADAPTER_DIR)
     return model.eval(), tokenizer
 
 

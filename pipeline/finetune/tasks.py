@@ -1,11 +1,13 @@
 """Fine-tuning tasks of the shared training loop, found by name (`task:` in a fine-tuning config).
 
 Each is its data, its loss and its metrics (pipeline/runtime/task.py): `sft` trains the next-token
-loss on the answer tokens of instruction/chat records (prompts masked, optionally packed), and
+loss on the answer tokens of instruction/chat records (prompts masked, optionally packed),
 `classify` a sequence-classification head on labelled texts (loss per example; accuracy and macro
-F1). The data is encoded once, the same on every rank; step s takes global batch s of a seeded
-per-epoch permutation and each rank its slice of it, so batches depend on the step alone and
-never on the world size. A new task is a class here and a line in TASKS.
+F1), and `dpo` the DPO (or IPO) loss on preference pairs against reference log-probabilities the
+starting model gives once, before training (`DPOTask.setup`; rewards, their accuracy and margin
+are its metrics). The data is encoded once, the same on every rank; step s takes global batch s of
+a seeded per-epoch permutation and each rank its slice of it, so batches depend on the step alone
+and never on the world size. A new task is a class here and a line in TASKS.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from pipeline import dist
 from pipeline.config import config_hash
 from pipeline.errors import DataError
-from pipeline.finetune import baselines, class_report, classify, sft
+from pipeline.finetune import adapters, baselines, class_report, classify, dpo, preferences, sft
 from pipeline.finetune.config import FinetuneConfig
 from pipeline.io import atomic_write, sha256_file
 from pipeline.runtime import checkpoint
@@ -170,7 +172,8 @@ class ClassifyTask(FinetuneTask):
         return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info, labels)
 
     def collate(self, items: list) -> Batch:
-        return classify.collate(items, self.seq_len, self.pad_id)
+        batch = classify.collate(items, self.seq_len, self.pad_id)
+        return adapters.pad_left(batch) if self.cfg.method == "prompt" else batch  # see pad_left
 
     def count_targets(self, batch: Batch) -> int:
         return classify.target_count(batch)
@@ -245,7 +248,103 @@ class ClassifyTask(FinetuneTask):
         log.info("%s", line)
 
 
-TASKS: dict[str, type[FinetuneTask]] = {"sft": SFTTask, "classify": ClassifyTask}
+class DPOTask(FinetuneTask):
+    """Preference pairs: the DPO/IPO loss of the policy's answer log-probs against the starting
+    model's (computed once in `setup`, stored beside the run); rewards and their margin as metrics."""
+
+    name = "dpo"
+
+    def __init__(self, cfg: FinetuneConfig, train: list, valid: list, pad_id: int, info: dict):
+        super().__init__(cfg, train, valid, pad_id, info)
+        self._window = torch.zeros(len(dpo.STAT_NAMES), dtype=torch.float64)  # stat sums since the last row
+        self._replicas = 1  # ranks that share each batch (the tensor-parallel size; set in setup)
+
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, tokenizer) -> DPOTask:
+        """Preference records -> encoded train and valid pairs (split by prompt: no prompt in both)."""
+        prefs, bad = preferences.load_preferences(cfg.data.path)
+        if not prefs:
+            raise DataError(f"{cfg.data.path}: no usable preference records (skipped: {dict(bad)})")
+        if cfg.data.template == "chat" or any(isinstance(p.chosen, sft.Chat) for p in prefs):
+            sft.check_chat_template(tokenizer, cfg.data.path)
+        train_p, valid_p = sft.split_examples(
+            prefs, cfg.data.valid_fraction, cfg.data.seed, key=preferences.prompt_key
+        )
+        (train, train_counts), (valid, valid_counts) = (
+            preferences.encode_preferences(tokenizer, ps, cfg.data.seq_len, cfg.data.template)
+            for ps in (train_p, valid_p)
+        )
+        counts = {"records": len(prefs), **dict(bad + train_counts + valid_counts)}
+        info = {"train_examples": len(train), "valid_examples": len(valid), **counts}
+        return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info)
+
+    def setup(self, engine: Engine) -> None:
+        """Attach the reference log-probs of every pair: read from the run's reference file, or
+        computed by the starting model (peft adapters off) and written there first."""
+        self._replicas = engine.tp_size
+        path = dpo.reference_path(self.cfg.run_dir, self.cfg.dpo)
+        meta = {"init": weights_fingerprint(self.init_dir), "precision": self.cfg.parallel.precision}
+        with adapters.without_adapters(engine.module):
+            pairs = dpo.ensure_reference(
+                engine.module,
+                self.train + self.valid,
+                path,
+                meta,
+                micro_size=self.cfg.batch.micro_size,
+                seq_len=self.seq_len,
+                pad_id=self.pad_id,
+                dp_rank=engine.dp_rank,
+                dp_size=engine.dp_size,
+                replicas=engine.tp_size,
+            )
+        self.train, self.valid = pairs[: len(self.train)], pairs[len(self.train) :]
+
+    def collate(self, items: list) -> Batch:
+        return dpo.collate_pairs(items, self.seq_len, self.pad_id)
+
+    def count_targets(self, batch: Batch) -> int:
+        return dpo.pair_count(batch)
+
+    def loss_sum(self, engine: Engine, batch: Batch) -> torch.Tensor:
+        loss, stats = dpo.pair_loss_sum(engine.forward(batch).logits, batch, self.cfg.dpo)
+        self._window = self._window.to(stats.device) + stats
+        return loss
+
+    def train_metrics(self) -> dict[str, float]:
+        """Rewards, reward accuracy and margin (means per pair) since the last metrics row."""
+        sums = [x / self._replicas for x in dist.sum_floats(self._window.tolist())]
+        self._window = torch.zeros_like(self._window)
+        metrics = dpo.preference_metrics(torch.tensor(sums, dtype=torch.float64))
+        return {k: v for k, v in metrics.items() if k != "pairs"} if sums[0] else {}
+
+    def evaluate(self, engine: Engine) -> dict[str, float] | None:
+        """eval_loss (per pair) and the rewards' means over the valid pairs, summed over ranks."""
+        if not self.valid:
+            return None
+        total = torch.zeros(1 + len(dpo.STAT_NAMES), dtype=torch.float64)
+        with engine.evaluating():
+            for batch in self.eval_batches(engine):
+                loss, stats = dpo.pair_loss_sum(engine.forward(batch).logits, batch, self.cfg.dpo)
+                total += torch.cat([loss.double().reshape(1), stats]).cpu()
+        sums = [x / engine.tp_size for x in dist.sum_floats(total.tolist())]
+        metrics = dpo.preference_metrics(torch.tensor(sums[1:], dtype=torch.float64), prefix="eval_")
+        return {"eval_loss": sums[0] / max(sums[1], 1.0), **metrics}
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """sha256 of a model folder's config.json and weight files: rank 0 reads them, every rank gets
+    the digest (collective)."""
+    digest = bytes(32)
+    if dist.is_main():
+        h = hashlib.sha256()
+        for f in sorted(Path(folder).iterdir()):
+            if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+                h.update(f.name.encode() + b"\x00" + bytes.fromhex(sha256_file(f)))
+        digest = h.digest()
+    return bytes(int(x) for x in dist.sum_floats(list(digest))).hex()
+
+
+TASKS: dict[str, type[FinetuneTask]] = {"sft": SFTTask, "classify": ClassifyTask, "dpo": DPOTask}
 
 
 def build_task(cfg: FinetuneConfig, init_dir: Path, tokenizer) -> FinetuneTask:

@@ -1,11 +1,12 @@
 """Fine-tuning on the shared training loop: `finetune(cfg)`, from starting weights to an exported HF folder.
 
 What is fine-tuning's own: the starting weights as a Hugging Face folder (`init_from` itself, or a
-pretraining run's latest checkpoint exported once), the task built from `task:` (tasks.py: SFT or
-classification, its data encoded with the tokenizer beside those weights), the model loaded from
-that folder inside the engine (ZeRO-3 partitions it as it loads; LoRA wraps it in peft adapters
-first), the number of steps (`max_steps`, or epochs over the train split), and, once the run has
-completed, the export of its best checkpoint (early stopping on `early_stop_metric`) on rank 0.
+pretraining run's latest checkpoint exported once), the task built from `task:` (tasks.py: SFT,
+classification or DPO, its data encoded with the tokenizer beside those weights), the model loaded
+from that folder inside the engine (ZeRO-3 partitions it as it loads; a peft `method:` wraps it
+first, adapters.py), the number of steps (`max_steps`, or epochs over the train split), and, once
+the run has completed, the export of its best checkpoint (early stopping on `early_stop_metric`)
+on rank 0.
 Everything else is the runtime's (pipeline/runtime/trainer.py and loop.py): a run whose folder has a
 checkpoint resumes from it (also when a Slurm job is requeued), SIGTERM/SIGUSR1 save and exit 75,
 the non-finite and spike guards, metrics, the report.
@@ -21,8 +22,7 @@ import torch
 
 from pipeline import dist
 from pipeline.errors import CheckpointError, DataError
-from pipeline.finetune import sft
-from pipeline.finetune.adapters import apply_lora
+from pipeline.finetune import adapters, sft
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
 from pipeline.finetune.export import export_finetuned, model_config
 from pipeline.finetune.heads import init_new_weights
@@ -67,6 +67,8 @@ def finetune_worker(cfg: FinetuneConfig) -> None:
 
 def prepare(cfg: FinetuneConfig) -> Job:
     """The fine-tuning job: starting weights, the task's encoded data, and the model to load."""
+    if cfg.method == "qlora":
+        adapters.require_qlora()  # before the data is read: a clear refusal where bitsandbytes cannot run
     init_dir = prepare_init(cfg)
     task = build_task(cfg, init_dir, load_tokenizer(init_dir))
     dp = cfg.parallel.dp_size(dist.world_size())
@@ -144,6 +146,8 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = dict(dtype=_DTYPES[cfg.parallel.precision], attn_implementation="sdpa", local_files_only=True)
+    if cfg.method == "qlora":
+        kwargs["quantization_config"] = adapters.quantization_config(cfg.peft)  # ConfigError without CUDA
     if cfg.task == "classify":
         config = model_config(init_dir, "classify", labels, pad_id)
         model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -155,8 +159,8 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
     else:
         model = AutoModelForCausalLM.from_pretrained(init_dir, **kwargs)
     model.config.use_cache = False  # no KV cache while training
-    if cfg.method == "lora":
-        model = apply_lora(model, cfg.lora, cfg.task)
+    if cfg.method != "full":
+        model = adapters.apply_peft(model, cfg.method, cfg.peft, cfg.task)
     return model
 
 

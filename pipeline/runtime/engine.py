@@ -385,6 +385,8 @@ class Engine:
         if "activation_checkpointing" in ds_cfg:
             model.activation_checkpointing_enable()
         self.activation_checkpointing = bool(getattr(model, "is_activation_checkpointing", False))
+        # Frozen weights (PEFT) stay out of checkpoints: model_fn rebuilds them as they were.
+        self.frozen_params = sum(not p.requires_grad for p in model.parameters())
         wd = ds_cfg["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, wd, lr_scales), config=ds_cfg
@@ -517,8 +519,15 @@ class Engine:
         return out
 
     def save(self, root: Path, tag: str, client_state: dict) -> None:
-        """DeepSpeed checkpoint into root/tag on every rank (no `latest`: checkpoint.py owns it)."""
-        self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        """DeepSpeed checkpoint into root/tag on every rank (no `latest`: checkpoint.py owns it); only
+        the trained parameters (and the optimizer state) when some are frozen."""
+        self.ds.save_checkpoint(
+            str(root),
+            tag=tag,
+            client_state=client_state,
+            save_latest=False,
+            exclude_frozen_parameters=self.frozen_params > 0,
+        )
 
     def load(self, root: Path, tag: str) -> dict:
         """Restore weights, optimizer and step count from root/tag; returns this rank's client state."""
@@ -536,7 +545,10 @@ class Engine:
             {k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in self.ds.optimizer.param_groups
         ]
         try:
-            path, client_state = self.ds.load_checkpoint(str(root), tag=tag)
+            # without frozen parameters in the checkpoint, they keep the values model_fn gave them
+            path, client_state = self.ds.load_checkpoint(
+                str(root), tag=tag, load_module_strict=self.frozen_params == 0
+            )
         except ZeRORuntimeException as exc:
             raise CheckpointError(f"{root}/{tag}: cannot resume with this world size: {exc}") from None
         if path is None:

@@ -318,6 +318,7 @@ class Loop:
             "spikes_loss": self.guard.loss_spikes,
             "spikes_grad_norm": self.guard.grad_norm_spikes,
             "elapsed_s": time.perf_counter() - self.start,
+            **self.task.train_metrics(),
         }
         self.metrics.write(row)
         mfu = row["mfu"] if isinstance(row["mfu"], str) else f"{row['mfu']:.1%}"

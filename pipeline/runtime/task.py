@@ -2,7 +2,7 @@
 
 A task is its data, its loss and its metrics, and nothing else. Pretraining (token shards,
 next-token loss), SFT (masked chat/instruction sequences, the same loss), classification (a
-sequence-classification head) and later DPO all implement it; checkpoints, resume, signals,
+sequence-classification head) and DPO (preference pairs) all implement it; checkpoints, resume, signals,
 guards, metrics rows and the report belong to the loop (`pipeline/runtime/loop.py`), so every task
 has them without asking.
 
@@ -12,7 +12,10 @@ The contract the loop relies on:
   batch), so resuming needs nothing but the step;
 - `loss_sum` returns the *sum* of per-target losses of a batch (fp32, on the engine's device) and
   `count_targets` how many targets that sum has; the loop divides by the count over all ranks;
-- `evaluate` is collective (every rank calls it) and returns metrics already summed over ranks.
+- `evaluate` is collective (every rank calls it) and returns metrics already summed over ranks;
+- `setup(engine)` runs once on every rank while the engine still holds the starting weights (before
+  a checkpoint is loaded into it), for what a task derives from the starting model (DPO's
+  reference log-probabilities); `train_metrics` adds the task's own numbers to each metrics row.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ class Task:
         """Validation metrics over all ranks (collective), or None without a validation split."""
         return None
 
+    def setup(self, engine: Engine) -> None:
+        """Called once on every rank with the engine at the starting weights, before a checkpoint is
+        loaded into it (collective); nothing by default."""
+
+    def train_metrics(self) -> dict[str, float]:
+        """The task's metrics over the training steps since the last metrics row, summed over ranks
+        (collective: every rank calls it for every row); none by default."""
+        return {}
+
     def step_samples(self, step: int) -> list[int]:
         """Indices of the training samples step `step` (0-based) trains on, for reports of bad steps."""
         return []
@@ -85,7 +97,8 @@ def count_lm_targets(batch: Batch) -> int:
 
 def lm_loss_sum(engine: Engine, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over the target tokens of a batch (fp32, on the device)."""
-    logits = engine.forward(batch).logits  # (B, T, vocab)
+    logits = engine.forward(batch).logits  # (B, T', vocab)
+    logits = logits[:, -batch["input_ids"].shape[1] :]  # prompt tuning puts T' - T virtual tokens first
     if "shift_labels" not in batch:
         logits = logits[:, :-1]
     targets = engine.to_device(lm_targets(batch))

@@ -4,8 +4,9 @@ Pretraining (`pipeline/train/trainer.py`) and fine-tuning (`pipeline/finetune/tr
 describe their run as a `Job` (settings, the task, how to build the model); this module does the
 rest the same way for both: start the process group, build the job (data is opened and verified
 there, before any engine or model exists), find the checkpoint to resume from (converting it to
-DeepSpeed's universal format when the data-parallel size changed), build the engine, restore the
-trainer state and every rank's RNG, run the Loop and record how it ended in `status.json`:
+DeepSpeed's universal format when the data-parallel size changed), build the engine, let the task
+derive what it needs from the starting weights (`Task.setup`), restore the trainer state and every
+rank's RNG, run the Loop and record how it ended in `status.json`:
 running, then completed / preempted / stopped_nonfinite, or failed with the error message when
 anything raised (a checksum mismatch, a checkpoint made on other data, ...).
 """
@@ -126,6 +127,7 @@ def _train(job: Job, stop: StopRequest) -> RunResult:
         lr_scales=job.task.lr_scales,
     )
     seed_rank(job.seed)
+    job.task.setup(engine)  # still the starting weights: a checkpoint is loaded below
     if dist.is_main():
         save_config(job.config, job.run_dir / "config.yaml")
         write_layout(job.run_dir, engine)

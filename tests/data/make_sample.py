@@ -7,8 +7,12 @@ script, so the sample is ours to ship and needs no download. It writes, next to 
                                    (wikitext with infobox templates, headings, links, bold, refs,
                                    categories), plus redirects and non-article pages as a real dump has
     sample/instructions.jsonl      Alpaca-style {instruction, input, output} rows about the same modules
+    sample/preferences.jsonl       DPO pairs made from the first instruction rows: the row's answer
+                                   is chosen, an evasive or off-topic answer rejected (text and
+                                   two-turn chat records)
 
 Run: python tests/data/make_sample.py   (deterministic for a given Python version)
+     python tests/data/make_sample.py --preferences   (only preferences.jsonl, from instructions.jsonl)
 """
 
 from __future__ import annotations
@@ -172,7 +176,51 @@ def _instructions(mods, members_of, rng: random.Random) -> list[dict]:
     return rows[:1500]
 
 
+EVASIVE = (
+    "I am not sure.",
+    "Sorry, I cannot help with that.",
+    "It does something in Python.",
+    "Please read the documentation.",
+)
+
+
+def _question(row: dict) -> str:
+    return f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
+
+
+def _preferences(rows: list[dict], n: int = 400) -> list[dict]:
+    """Preference records from the first n instruction rows, in three shapes (Alpaca-style
+    instruction/input, prompt, and a chat whose first turn is the previous row's question and answer);
+    the rejected answer is evasive (even rows) or another row's answer, off topic (odd rows)."""
+    rows, out = rows[:n], []
+    for i, row in enumerate(rows):
+        rejected = EVASIVE[(i // 2) % len(EVASIVE)] if i % 2 == 0 else rows[(i + 37) % len(rows)]["output"]
+        answers = {"chosen": row["output"], "rejected": rejected}
+        if i % 4 == 3:
+            prev = rows[i - 1]
+            turns = [("user", _question(prev)), ("assistant", prev["output"]), ("user", _question(row))]
+            out.append({"messages": [{"role": r, "content": c} for r, c in turns], **answers})
+        elif i % 4 == 1:
+            out.append({"prompt": _question(row), **answers})
+        else:
+            out.append({"instruction": row["instruction"], "input": row["input"], **answers})
+    return out
+
+
+def write_preferences() -> None:
+    """sample/preferences.jsonl from sample/instructions.jsonl."""
+    rows = [
+        json.loads(line) for line in (OUT / "instructions.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    with open(OUT / "preferences.jsonl", "w", encoding="utf-8") as fh:
+        for rec in _preferences(rows):
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--preferences"]:
+        write_preferences()
+        return
     rng = random.Random(0)
     mods = _modules()
     all_names = {n for n, _ in mods}
@@ -198,6 +246,7 @@ def main() -> None:
     with open(OUT / "instructions.jsonl", "w", encoding="utf-8") as fh:
         for row in _instructions(mods, members_of, rng):
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_preferences()
     print(f"{len(mods)} articles, {len(pages)} pages, {len(xml) / 1e6:.1f} MB of XML")
 
 
