@@ -256,6 +256,25 @@ def test_report_equals_sklearn_on_the_saved_predictions(vader_runs):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_head_trains_at_its_own_lr(vader_runs):
+    """classify.head_lr gives the head (`score`) its own optimizer groups at head_lr/optim.lr times the
+    body's scheduled LR, as saved in the last checkpoint (which a resume keeps, engine.py)."""
+    cfg = load_config(FinetuneConfig, CONFIG, [f"init_from={vader_runs['init']}"])
+    states = sorted(
+        (vader_runs["runs"] / "a" / "checkpoints" / f"step_{VADER_STEPS}").glob("*optim_states.pt")
+    )
+    saved = torch.load(states[0], weights_only=False, map_location="cpu")["optimizer_state_dict"]
+    groups = saved["optimizer_state_dict"]["param_groups"]  # ZeRO-3's wrapper around torch's state
+    scale = cfg.classify.head_lr / cfg.optim.lr
+    assert sorted({g["lr_scale"] for g in groups}) == [1.0, pytest.approx(scale)]
+    body = {g["lr"] for g in groups if g["lr_scale"] == 1.0}
+    assert len(body) == 1 and all(
+        g["lr"] == pytest.approx(scale * min(body)) for g in groups if g["lr_scale"] != 1.0
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_runs_of_one_config_are_identical(vader_runs):
     """The new head is drawn from the run's seed on every rank: two runs (2 ranks, ZeRO-3) give the
     same losses, metrics and predictions, from the first step on."""
