@@ -203,7 +203,8 @@ def run_on_main(
     barrier()
     if not is_main():
         outcome = _wait_for(marker, what, stall_s)
-        barrier()
+        barrier()  # read: rank 0 may remove the marker
+        barrier()  # removed: on return no rank sees this call's files
         return _unpack(outcome, what)
     error, result = None, None
     try:
@@ -218,6 +219,7 @@ def run_on_main(
     barrier()  # every rank has read the marker
     for p in (marker, _beat_path(marker)):
         p.unlink(missing_ok=True)
+    barrier()
     if error is not None:
         raise error
     return result

@@ -10,7 +10,7 @@ from pipeline.errors import ConfigError
 from pipeline.model.build import build_model
 from pipeline.model.config import ModelConfig
 from pipeline.runtime.config import BatchConfig, OptimConfig, ParallelConfig
-from pipeline.runtime.engine import ds_config, param_groups, precision_supported
+from pipeline.runtime.engine import ds_config, lr_scale_of, param_groups, precision_supported
 
 
 def make(world_size=2, load_universal=False, device=None, adam="torch", **parallel):
@@ -115,6 +115,39 @@ def test_param_groups_skip_norms():
     assert all("norm" in names[id(p)] for p in no_decay["params"])
     assert len(no_decay["params"]) == 2 * cfg.num_layers + 1
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_param_groups_give_named_parameters_their_lr_scale():
+    """A new head (`score`) gets its own groups with an LR multiplier, whatever the prefix peft adds."""
+    from finetune_helpers import tiny_llama
+
+    model = tiny_llama("classify")
+    groups = param_groups(model, 0.1, {"score": 10.0})
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.1, 10.0)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in groups[2]["params"]] == ["score.weight"]
+    assert lr_scale_of("base_model.model.score.modules_to_save.default.weight", {"score": 3.0}) == 3.0
+    assert lr_scale_of("model.layers.0.scoreboard.weight", {"score": 3.0}) == 1.0  # whole components only
+
+
+def test_warmup_as_a_fraction_of_the_run():
+    """optim.warmup_fraction scales with the schedule's length; warmup_steps stays possible."""
+    for fraction, total, want in ((0.1, 100, 10), (0.1, 333, 33), (0.0, 50, 0), (None, 50, 10)):
+        optim = OptimConfig(warmup_fraction=fraction)
+        optim.validate()
+        cfg = ds_config(
+            batch=BatchConfig(),
+            optim=optim,
+            parallel=ParallelConfig(),
+            total_steps=total,
+            world_size=1,
+            device="cpu",
+        )
+        assert cfg["lr_schedule"]["warmup_steps"] == want, (fraction, total)
+    fixed = OptimConfig(warmup_fraction=0.1, schedule_steps=1000)  # the schedule's length, not the run's
+    assert fixed.warmup_for(fixed.schedule_steps) == 100
+    with pytest.raises(ConfigError, match="warmup_fraction: must be in"):
+        OptimConfig(warmup_fraction=1.0).validate()
 
 
 def test_precision_supported_fp32_and_bf16():

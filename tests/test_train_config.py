@@ -90,6 +90,20 @@ def test_seq_len_longer_than_model(tokens):
     assert err.value.key == "data.seq_len"
 
 
+def test_eval_tasks_are_checked_before_training(tokens, tmp_path):
+    r = resolve(load(tokens, "train.eval_tasks=[gristmill_cloze]", "train.eval_tasks_every=5"), world_size=1)
+    assert r.train.eval_tasks == ["gristmill_cloze"] and r.train.eval_tasks_every == 5
+    with pytest.raises(ConfigError, match=r"train.eval_tasks\[1\]: unknown task 'nope'"):
+        resolve(load(tokens, "train.eval_tasks=[gristmill_ppl,nope]"), world_size=1)
+    (tmp_path / "hub.yaml").write_text("task: hub\ndataset_path: some/hub-dataset\n")
+    with pytest.raises(
+        ConfigError, match=r"eval_tasks\[0\]: .*hub.yaml: dataset_path: must be a local builder"
+    ):
+        resolve(load(tokens, f"train.eval_tasks=[{tmp_path / 'hub.yaml'}]"), world_size=1)
+    with pytest.raises(ConfigError, match="train.eval_tasks_limit: must be >= 1"):
+        load(tokens, "train.eval_tasks_limit=0")
+
+
 def test_tp_must_divide_world(tokens):
     tp = ("parallel.tp_size=2", "parallel.zero_stage=1", "model.overrides.tie_embeddings=false")
     with pytest.raises(ConfigError) as err:

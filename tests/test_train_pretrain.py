@@ -1,7 +1,7 @@
 """End to end on CPU, fp32 ZeRO-3 unless said otherwise, so numbers can be compared tightly.
 
 Runs (module scope; 4 launcher runs of about 15-20 s on 2 cores, 3 one-process runs of ~8 s):
-  full      2 ranks, micro 2 x grad accum 2, 8 steps uninterrupted
+  full      2 ranks, micro 2 x grad accum 2, 8 steps uninterrupted, lm-eval tasks at steps 4 and 8
   split     2 ranks, SIGUSR1 to rank 0 only at step >= 2: every rank stops, saves, exits 75;
             then resumed on 2 ranks to step 8 (keep_last=1)
   one       1 rank, micro 1 x grad accum 8, activation checkpointing   (1 rank == 2 ranks)
@@ -43,6 +43,12 @@ from pipeline.runtime.metrics import read_metrics
 
 TINY_CPU = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 STEPS = 8
+TASKS, TASK_LIMIT = ["gristmill_cloze", "gristmill_ppl"], 16
+EVAL_TASKS = (  # lm-eval in the loop of `full` (at steps 4 and 8): `split` has none and must equal it
+    f"train.eval_tasks=[{','.join(TASKS)}]",
+    "train.eval_tasks_every=4",
+    f"train.eval_tasks_limit={TASK_LIMIT}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def preempted_run(args: list[str], run_dir: Path, at_step: int = 2, timeout: int
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    check(run_launcher(overrides(corpus, runs, "full"), timeout=400))
+    check(run_launcher(overrides(corpus, runs, "full", STEPS, *EVAL_TASKS), timeout=400))
     preempted_run(overrides(corpus, runs, "split"), runs / "split")
     status = json.loads((runs / "split" / "status.json").read_text())
     k, root = status["step"], runs / "split" / "checkpoints"
@@ -277,6 +283,23 @@ def test_export_parity_and_eval_loss(runs, corpus, tmp_path):
             n += mb["shift_labels"].numel()
     run_eval = [r["eval_loss"] for r in read_metrics(runs / "split") if "eval_loss" in r][-1]
     assert total / n == pytest.approx(run_eval, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_in_loop_eval_tasks_equal_the_harness_on_the_export(runs, tmp_path):
+    """lm-eval tasks run in the loop of a 2-rank ZeRO-3 run (every rank in lockstep) give, at the last
+    step, what the harness gives on the exported folder; training is unchanged by them
+    (test_resume_is_bit_identical compares `full` with `split`, which runs none)."""
+    from pipeline.deploy.harness import evaluate_folder
+    from pipeline.train.export import export_hf
+
+    rows = [r for r in read_metrics(runs / "full") if "gristmill_cloze/acc" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    want = evaluate_folder(export_hf(runs / "full", tmp_path / "hf"), TASKS, limit=TASK_LIMIT)
+    assert set(want) == set(rows[1]) - {"step"} and "gristmill_ppl/bits_per_byte" in want
+    for key, value in want.items():
+        assert rows[1][key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ YAML's own folder (lm-eval would resolve them against the working directory), an
 the resulting dicts with its built-in task index turned off. Nothing is downloaded: `dataset_path`
 must be a local builder (`json`, `csv`, `parquet`, `text`) with local files.
 
-`evaluate_tasks(model, tokenizer, tasks)` runs on a model already in memory (a training loop can
-call it every N steps); `evaluate_folder` loads a Hugging Face folder first. Loglikelihood
+`evaluate_tasks(model, tokenizer, tasks)` runs on a model already in memory; `TaskEvaluator` runs
+it every N steps of the training loop (pretraining's `train.eval_tasks`), with every rank in
+lockstep; `evaluate_folder` loads a Hugging Face folder first. Loglikelihood
 requests start with BOS, as every document did in pretraining; lm-eval's rolling perplexity
 already conditions on BOS.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text"}
+FEWSHOT_SEED = 1234  # lm-eval's default
 
 
 def index_tasks(task_dir: Path) -> dict[str, Path]:
@@ -105,6 +108,21 @@ def harness_model(model, tokenizer, batch_size: int = 8, max_length: int | None 
     return BosHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=limit)
 
 
+def load_tasks(configs: list[dict]) -> dict:
+    """lm-eval task objects of config dicts, set up as `simple_evaluate` sets them (0 few-shot examples
+    unless a task says otherwise, a fixed few-shot seed). Calling lm-eval's `evaluate` on them skips
+    what `simple_evaluate` adds around it: reseeding the global random generators, and collecting
+    environment details (pip, git, torch's collect_env: seconds per call, in every in-loop eval)."""
+    from lm_eval.tasks import TaskManager
+
+    loaded = TaskManager(include_defaults=False).load(configs)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return loaded
+
+
 def evaluate_tasks(
     model,
     tokenizer,
@@ -118,19 +136,19 @@ def evaluate_tasks(
     """Run lm-eval tasks on an in-memory causal LM; returns {"<task>/<metric>": value}.
 
     The model is put in eval mode and given back in the mode it came in. `bootstrap_iters` > 0
-    adds `<metric>_stderr` entries (0 keeps in-loop evaluation cheap).
+    adds `<metric>_stderr` entries (0 keeps in-loop evaluation cheap). Several processes (a training
+    loop's ranks) each run every request and each get the results: HFLM treats a model instance as
+    a single process.
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    from lm_eval.evaluator import evaluate
 
-    configs = [task_config(t, Path(task_dir)) for t in tasks]
+    loaded = load_tasks([task_config(t, Path(task_dir)) for t in tasks])
     was_training = model.training
     model.eval()
     try:
-        out = simple_evaluate(
-            model=harness_model(model, tokenizer, batch_size),
-            tasks=configs,
-            task_manager=TaskManager(include_defaults=False),
+        out = evaluate(
+            lm=harness_model(model, tokenizer, batch_size),
+            task_dict=loaded,
             limit=limit,
             bootstrap_iters=bootstrap_iters,
             log_samples=False,
@@ -138,6 +156,50 @@ def evaluate_tasks(
     finally:
         model.train(was_training)
     return flatten_results(out["results"])
+
+
+@dataclass
+class TaskEvaluator:
+    """lm-eval tasks on the training model every `every` steps: a training-loop evaluator
+    (pretraining's `train.eval_tasks`), called on every rank.
+
+    HFLM treats a model instance as one process (rank 0 of 1), so every rank runs every request of
+    the same task data in the same batches (a fixed batch size, never "auto"): under ZeRO-3 and AutoTP,
+    where each forward is a collective, the ranks stay in lockstep. The random generators' states
+    are put back afterwards (in case a task draws from them), so training continues exactly as it
+    would without the evaluation.
+    """
+
+    tasks: list[str]
+    tokenizer_dir: Path
+    every: int = 0
+    """Steps between evaluations (the loop also runs one at the last step); 0 = only at the end."""
+    limit: int | None = None
+    batch_size: int = 8
+    task_dir: Path = TASK_DIR
+    _tokenizer: object = field(default=None, init=False, repr=False)
+
+    def __call__(self, engine) -> dict[str, float]:
+        """{"<task>/<metric>": value} of the engine's model (collective)."""
+        from pipeline.runtime.checkpoint import rng_state, set_rng_state
+
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notes about model instances
+        saved = rng_state()
+        try:
+            return evaluate_tasks(
+                engine.module,
+                self._tokenizer,
+                self.tasks,
+                task_dir=self.task_dir,
+                limit=self.limit,
+                batch_size=self.batch_size,
+            )
+        finally:
+            set_rng_state(saved)
 
 
 def flatten_results(results: dict) -> dict[str, float]:

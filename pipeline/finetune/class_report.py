@@ -96,8 +96,10 @@ def plot_report(report: ClassReport, path: Path, title: str = "") -> Path:
     C = len(report.labels)
     fig, (ax_conf, ax_bars) = plt.subplots(1, 2, figsize=(6 + 0.6 * C, 3 + 0.4 * C))
     ax_conf.imshow(report.confusion, cmap="Blues")
+    dark = report.confusion.max() / 2  # cells darker than this get white numbers
     for (i, j), v in np.ndenumerate(report.confusion):
-        ax_conf.text(j, i, str(v), ha="center", va="center", fontsize=8)
+        color = "white" if v > dark else "black"
+        ax_conf.text(j, i, str(v), ha="center", va="center", fontsize=8, color=color)
     ax_conf.set(xticks=range(C), yticks=range(C), xlabel="predicted", ylabel="true", title="confusion")
     ax_conf.set_xticklabels(report.labels, rotation=45, ha="right")
     ax_conf.set_yticklabels(report.labels)

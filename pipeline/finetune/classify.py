@@ -26,6 +26,8 @@ from pipeline.runtime.engine import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 _MAX_LOGGED = 20
+HEAD = "score"
+"""The name transformers gives the new classification head of Llama-family models (`score.weight`)."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ class Row:
 
 @dataclass(frozen=True)
 class Labeled:
-    """One tokenized text and its class id."""
+    """One tokenized text, its class id and where it was read (`file:line`)."""
 
     input_ids: list[int]
     label: int
+    where: str = ""
 
 
 # ---------------------------------------------------------------- reading
@@ -156,7 +159,8 @@ def encode_rows(tokenizer, rows: list[Row], labels: list[str], seq_len: int) -> 
         if len(body) > seq_len - 2:
             counts["truncated"] += 1
             body = body[: seq_len - 2]
-        out.append(Labeled([tokenizer.bos_token_id, *body, tokenizer.eos_token_id], ids_of[row.label]))
+        ids = [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+        out.append(Labeled(ids, ids_of[row.label], row.where))
     return out, counts
 
 
@@ -202,7 +206,6 @@ def scores(conf: torch.Tensor) -> dict[str, float]:
     return {"accuracy": float(tp.sum() / total.clamp(min=1)), "macro_f1": float(f1.mean())}
 
 
-def majority_accuracy(items: list[Labeled]) -> float:
-    """Accuracy of always predicting the most frequent class of `items` (the baseline to beat)."""
-    counts = Counter(it.label for it in items)
-    return max(counts.values()) / len(items) if items else 0.0
+def predictions_path(run_dir: Path, tag: str) -> Path:
+    """Where the eval at checkpoint tag `step_<N>` saves its predictions (class_report's JSONL)."""
+    return Path(run_dir) / "predictions" / f"{tag}.jsonl"

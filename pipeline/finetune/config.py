@@ -62,9 +62,11 @@ class FtTrainConfig(LoopConfig):
 
     eval_every: int = 0
     """Steps between validation passes; 0 = only at the end."""
-    early_stop_metric: Literal["eval_loss", "accuracy", "macro_f1"] = "eval_loss"
+    early_stop_metric: Literal["eval_loss", "accuracy", "macro_f1"] | None = None
     """Validation metric that picks the best checkpoint (lower is better for eval_loss, higher for
-    the others; accuracy and macro_f1 need task classify). The best checkpoint is the one exported."""
+    the others; accuracy and macro_f1 need task classify). The best checkpoint is the one exported.
+    None = the task's own: macro_f1 for classify (accuracy rewards a model that predicts only the
+    majority class of an imbalanced split), eval_loss otherwise."""
     epochs: int = 1
     """Passes over the train split (the last partial global batch of each epoch is dropped)."""
     max_steps: int | None = None
@@ -159,8 +161,17 @@ class ClassifySection:
     skipped (counted as `label_at_threshold`). None: labels are taken as strings."""
     labels: list[str] = field(default_factory=list)
     """Class names in id order; empty = the sorted distinct labels of the training split."""
+    head_lr: float | None = None
+    """Peak learning rate of the new classification head (`score`), which starts from random values
+    while the body is pretrained; it follows the same warmup and decay as optim.lr. None = optim.lr."""
+    tfidf_baseline: bool = True
+    """Fit the TF-IDF + logistic-regression baseline on the train split before training (seconds for
+    ~10k texts, on rank 0) and compare the model with it at the end; the majority-class baseline is
+    always computed."""
 
     def validate(self) -> None:
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ConfigError("head_lr", f"must be > 0 or null, got {self.head_lr}")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels", f"must be distinct, got {self.labels}")
         if self.labels and len(self.labels) < 2:
@@ -190,6 +201,10 @@ class FinetuneConfig:
     classify: ClassifySection = field(default_factory=ClassifySection)
     out: Path | None = None
     """Folder of the exported fine-tuned model; default `<run dir>/hf`."""
+
+    def __post_init__(self) -> None:
+        if self.train.early_stop_metric is None:  # the task's own; set before the sections are validated
+            self.train.early_stop_metric = "macro_f1" if self.task == "classify" else "eval_loss"
 
     def validate(self) -> None:
         if not (is_hf_folder(self.init_from) or is_run_dir(self.init_from)):

@@ -13,6 +13,7 @@ and never on the world size. A new task is a class here and a line in TASKS.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from pathlib import Path
 
@@ -22,10 +23,12 @@ import torch.nn.functional as F
 from pipeline import dist
 from pipeline.config import config_hash
 from pipeline.errors import DataError
-from pipeline.finetune import adapters, classify, dpo, preferences, sft
+from pipeline.finetune import adapters, baselines, class_report, classify, dpo, preferences, sft
 from pipeline.finetune.config import FinetuneConfig
-from pipeline.io import sha256_file
+from pipeline.io import atomic_write, sha256_file
+from pipeline.runtime import checkpoint
 from pipeline.runtime.engine import IGNORE_INDEX, Engine
+from pipeline.runtime.metrics import MetricsWriter
 from pipeline.runtime.task import Batch, Task, count_lm_targets, evaluate_lm, lm_loss_sum
 
 log = logging.getLogger(__name__)
@@ -124,7 +127,13 @@ class SFTTask(FinetuneTask):
 
 
 class ClassifyTask(FinetuneTask):
-    """Cross-entropy of (B, classes) logits against (B,) labels; accuracy and macro F1."""
+    """Cross-entropy of (B, classes) logits against (B,) labels; accuracy and macro F1.
+
+    Before training, rank 0 fits the baselines on the same train split and scores them on the same
+    valid split (metrics.jsonl's `event: data` row); every eval saves its predictions
+    (`<run dir>/predictions/step_<N>.jsonl`), from which the metrics are computed, and `finish`
+    reports on the exported step's predictions against the baselines.
+    """
 
     name = "classify"
     metric_modes = {"eval_loss": "min", "accuracy": "max", "macro_f1": "max"}
@@ -134,10 +143,12 @@ class ClassifyTask(FinetuneTask):
     ):
         super().__init__(cfg, train, valid, pad_id, info)
         self.labels = labels
+        if cfg.classify.head_lr is not None:
+            self.lr_scales = {classify.HEAD: cfg.classify.head_lr / cfg.optim.lr}
 
     @classmethod
     def build(cls, cfg: FinetuneConfig, tokenizer) -> ClassifyTask:
-        """Labelled rows -> class names and encoded train/valid examples."""
+        """Labelled rows -> class names, encoded train/valid examples and (rank 0) the baselines."""
         rows, bad = classify.load_rows(cfg.data.path, cfg.classify)
         train_rows, valid_rows = sft.split_examples(
             rows, cfg.data.valid_fraction, cfg.data.seed, key=lambda r: r.text
@@ -146,8 +157,18 @@ class ClassifyTask(FinetuneTask):
         train, train_counts = classify.encode_rows(tokenizer, train_rows, labels, cfg.data.seq_len)
         valid, valid_counts = classify.encode_rows(tokenizer, valid_rows, labels, cfg.data.seq_len)
         counts = {"records": len(rows), **dict(bad + train_counts + valid_counts)}
-        counts["valid_majority_accuracy"] = classify.majority_accuracy(valid)
         info = {"train_examples": len(train), "valid_examples": len(valid), **counts}
+        if dist.is_main() and valid:  # the examples encode_rows kept (labels among the classes)
+            train_rows, valid_rows = ([r for r in rs if r.label in labels] for rs in (train_rows, valid_rows))
+            info |= baselines.baseline_metrics(
+                [r.text for r in train_rows],
+                [r.label for r in train_rows],
+                [r.text for r in valid_rows],
+                [r.label for r in valid_rows],
+                labels,
+                seed=cfg.run.seed,
+                tfidf=cfg.classify.tfidf_baseline,
+            )
         return cls(cfg, train, valid, sft.pad_id_of(tokenizer), info, labels)
 
     def collate(self, items: list) -> Batch:
@@ -163,21 +184,68 @@ class ClassifyTask(FinetuneTask):
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def evaluate(self, engine: Engine) -> dict[str, float] | None:
-        """eval_loss (per example), accuracy and macro F1 over the valid split, summed over ranks."""
+        """eval_loss (per example), accuracy and macro F1 over the valid split (all ranks), computed
+        from the predictions it saves on rank 0."""
         if not self.valid:
             return None
-        C = len(self.labels)
-        conf = torch.zeros((C, C), dtype=torch.float64)  # counts, on the CPU
-        loss = 0.0
+        b, cap = self.cfg.batch, self.cfg.train.eval_max_batches
+        chunks = sft.eval_micro_batches(
+            list(range(len(self.valid))),
+            micro_size=b.micro_size,
+            dp_rank=engine.dp_rank,
+            dp_size=engine.dp_size,
+        )
+        loss, preds = 0.0, [0.0] * len(self.valid)  # class id + 1 where this rank predicted; 0 elsewhere
         with engine.evaluating():
-            for batch in self.eval_batches(engine):
-                logits = engine.forward(batch).logits.float()
+            for idx in itertools.islice(chunks, cap):
+                batch = self.collate([self.valid[i] for i in idx])
+                logits = engine.forward(batch).logits.float()  # (B, classes)
                 labels = engine.to_device(batch["labels"])
                 loss += float(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
-                conf += classify.confusion(logits.argmax(-1).cpu(), batch["labels"], C)
-        sums = [x / engine.tp_size for x in dist.sum_floats([loss, *conf.flatten().tolist()])]  # TP: shared
-        loss, conf = sums[0], torch.tensor(sums[1:], dtype=torch.float64).reshape(C, C)
-        return {"eval_loss": loss / max(float(conf.sum()), 1.0), **classify.scores(conf)}
+                for i, guess in zip(idx, logits.argmax(-1).tolist()):
+                    preds[i] = guess + 1.0
+        sums = [x / engine.tp_size for x in dist.sum_floats([loss, *preds])]  # TP ranks share batches
+        done = [(ex, int(p) - 1) for ex, p in zip(self.valid, sums[1:]) if p > 0]
+        if dist.is_main():
+            path = classify.predictions_path(self.cfg.run_dir, checkpoint.tag_for(engine.global_steps))
+            class_report.write_predictions(
+                path,
+                [ex.where for ex, _ in done],
+                *self._names([ex.label for ex, _ in done], [p for _, p in done]),
+            )
+        conf = classify.confusion(
+            torch.tensor([p for _, p in done]), torch.tensor([ex.label for ex, _ in done]), len(self.labels)
+        )
+        return {"eval_loss": sums[0] / max(len(done), 1), **classify.scores(conf)}
+
+    def _names(self, *id_lists: list[int]) -> list[list[str]]:
+        return [[self.labels[i] for i in ids] for ids in id_lists]
+
+    def finish(self, tag: str) -> None:
+        """The classification report of checkpoint `tag`'s saved eval predictions (log, text and PNG
+        beside the run) and a metrics.jsonl `event: summary` row with its margins over the baselines."""
+        run_dir = self.cfg.run_dir
+        path = classify.predictions_path(run_dir, tag)
+        if not path.is_file():
+            log.warning("%s: not found (no eval at %s), so no classification report", path, tag)
+            return
+        report = class_report.report_from_predictions(path, self.labels)
+        text = class_report.format_report(report)
+        with atomic_write(run_dir / "classification_report.txt", "w") as fh:
+            fh.write(f"{tag} ({path.name})\n{text}\n")
+        title = f"{self.cfg.run.name}, {tag}: {int(report.support.sum())} valid examples"
+        class_report.plot_report(report, run_dir / "classification_report.png", title=title)
+        step = int(checkpoint.TAG_RE.match(tag).group(1))
+        row = {"event": "summary", "step": step, "checkpoint": tag, **report.summary()}
+        line = f"{tag}: accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f}"
+        if "majority_macro_f1" in self.info:
+            row |= baselines.margins(report.macro_f1, self.info)
+            line = f"{tag}: " + baselines.verdict(report.macro_f1, self.info)
+        writer = MetricsWriter(run_dir, tensorboard=False)
+        writer.write(row)
+        writer.close()
+        log.info("classification report of %s (%s):\n%s", tag, path, text)
+        log.info("%s", line)
 
 
 class DPOTask(FinetuneTask):

@@ -26,6 +26,7 @@ from pipeline.errors import CheckpointError, DataError
 from pipeline.finetune import adapters, sft
 from pipeline.finetune.config import FinetuneConfig, is_hf_folder
 from pipeline.finetune.export import export_finetuned, model_config
+from pipeline.finetune.heads import init_new_weights
 from pipeline.finetune.tasks import FinetuneTask, build_task
 from pipeline.model.config import ModelConfig
 from pipeline.model.flops import flops_per_token
@@ -48,6 +49,7 @@ def finetune(cfg: FinetuneConfig) -> RunResult:
 
     def export() -> None:
         export_finetuned(cfg, tag, task.init_dir, labels, task.pad_id)
+        task.finish(tag)  # the task's closing report (classify: from the exported step's predictions)
 
     try:  # on rank 0, with the other ranks polling: an export may outlast the collective timeout
         main_only(cfg.run_dir, "export", export)
@@ -154,7 +156,12 @@ def load_model(cfg: FinetuneConfig, init_dir: Path, labels: list[str] | None, pa
         kwargs["quantization_config"] = adapters.quantization_config(cfg.peft)  # ConfigError without CUDA
     if cfg.task == "classify":
         config = model_config(init_dir, "classify", labels, pad_id)
-        model = AutoModelForSequenceClassification.from_pretrained(init_dir, config=config, **kwargs)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            init_dir, config=config, output_loading_info=True, **kwargs
+        )
+        # the new head from the run's seed, the same on every rank and in every run of this config
+        new = init_new_weights(model, loading["missing_keys"], cfg.run.seed)
+        log.info("initialised new parameters %s from seed %d", new, cfg.run.seed)
     else:
         model = AutoModelForCausalLM.from_pretrained(init_dir, **kwargs)
     model.config.use_cache = False  # no KV cache while training

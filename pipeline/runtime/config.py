@@ -50,6 +50,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 10
     """Linear warmup from lr/warmup_steps to lr over this many optimizer steps."""
+    warmup_fraction: float | None = None
+    """Warmup as a share of the schedule's steps (`schedule_steps`, else the run's max_steps), e.g. 0.1;
+    replaces `warmup_steps` when set, so a short run and a long one warm up alike. None = warmup_steps."""
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     """Decay from lr to min_lr over the steps after warmup; `wsd` (warmup-stable-decay) holds lr and
     decays linearly over the last `decay_fraction` of the schedule."""
@@ -77,6 +80,14 @@ class OptimConfig:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("warmup_fraction", f"must be in [0, 1) or null, got {self.warmup_fraction}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a schedule spanning `total_steps`: the fraction's share (rounded), or warmup_steps."""
+        if self.warmup_fraction is None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * total_steps)
 
 
 @dataclass

@@ -81,7 +81,7 @@ def ds_config(
         "lr_schedule": {
             "lr": optim.lr,
             "min_lr": optim.min_lr,
-            "warmup_steps": optim.warmup_steps,
+            "warmup_steps": optim.warmup_for(optim.schedule_steps or total_steps),
             "total_steps": optim.schedule_steps or total_steps,
             "schedule": optim.schedule,
             "decay_fraction": optim.decay_fraction,
@@ -306,15 +306,44 @@ def _share_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on norms and biases (judged by name: ZeRO-3 params are flat)."""
-    decay, no_decay = [], []
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms and biases (judged by name: ZeRO-3 params are flat).
+
+    A parameter with a component of its dotted name in `lr_scales` (e.g. `score` for `score.weight`, also
+    inside peft's `base_model.model.score.modules_to_save.default.weight`) trains at that multiple of the
+    scheduled LR: its group's `lr_scale`, which Engine.step applies.
+    """
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if any(h in name.lower() for h in NO_DECAY_HINTS) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        if p.requires_grad:
+            decay = not any(h in name.lower() for h in NO_DECAY_HINTS)
+            groups.setdefault((decay, lr_scale_of(name, lr_scales or {})), []).append(p)
+    return [  # body groups first: Engine.lr reports group 0
+        {"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0, "lr_scale": key[1]}
+        for key in sorted(groups, key=lambda k: (k[1] != 1.0, not k[0], k[1]))
+    ]
+
+
+def lr_scale_of(name: str, lr_scales: dict[str, float]) -> float:
+    """The LR multiplier of a parameter: the first of its name's components found in `lr_scales`, else 1."""
+    return next((lr_scales[part] for part in name.split(".") if part in lr_scales), 1.0)
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Full values of ZeRO-3 partitioned parameters inside the block, on every rank (collective: every
+    rank enters with the same parameters); rank 0's values are the ones kept. No-op for parameters
+    ZeRO-3 does not partition."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def build_device(ds_cfg: dict) -> contextlib.AbstractContextManager:
@@ -352,7 +381,10 @@ class StepResult:
 class Engine:
     """A DeepSpeed engine with exactly what a training loop needs; gradients are exact d(loss)/d(w)."""
 
-    def __init__(self, model_fn: Callable[[], torch.nn.Module], ds_cfg: dict):
+    def __init__(
+        self, model_fn: Callable[[], torch.nn.Module], ds_cfg: dict, lr_scales: dict[str, float] | None = None
+    ):
+        """`lr_scales`: LR multipliers by parameter-name component (see param_groups)."""
         _quiet()
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -384,7 +416,7 @@ class Engine:
         self.frozen_params = sum(not p.requires_grad for p in model.parameters())
         wd = ds_cfg["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, wd), config=ds_cfg
+            model=model, model_parameters=param_groups(model, wd, lr_scales), config=ds_cfg
         )
         self.device = torch.device(acc.current_device_name())
         self.tp_size = ds_cfg.get("tensor_parallel", {}).get("autotp_size", 1)
@@ -459,7 +491,7 @@ class Engine:
         if self._lr_fn is not None:
             lr = self._lr_fn(self.global_steps)
             for group in self.ds.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         scale = self.loss_scale  # the scale this step's gradients were computed with
         skipped = False if self._checks_overflow else self._unchecked_skip()
         with self._optimizer_frozen(skipped):
@@ -531,11 +563,14 @@ class Engine:
         # Workaround 1 (DeepSpeed 0.19.8, ZeRO-3 universal load: stage3.py
         # load_hp_checkpoint_state_from_checkpoint_dir_stage3, "the hyperparameters of each parameter
         # should be the same"): param group 0's saved hyperparameters are copied onto every group, which
-        # would give norms and biases weight decay, so the groups' own values are put back. The load came
+        # would give norms and biases weight decay (and every group group 0's LR multiplier), so the
+        # groups' own values are put back. The load came
         # with https://github.com/deepspeedai/DeepSpeed/pull/5475; several param groups became
         # convertible only with https://github.com/deepspeedai/DeepSpeed/pull/7585 (issue #7584), and the
         # load still assumes one. tests/test_runtime_upstream.py fails once DeepSpeed keeps each group's.
-        decays = [g.get("weight_decay") for g in self.ds.optimizer.param_groups]
+        own = [
+            {k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in self.ds.optimizer.param_groups
+        ]
         try:
             # without frozen parameters in the checkpoint, they keep the values model_fn gave them
             path, client_state = self.ds.load_checkpoint(
@@ -545,8 +580,8 @@ class Engine:
             raise CheckpointError(f"{root}/{tag}: cannot resume with this world size: {exc}") from None
         if path is None:
             raise CheckpointError(f"{root}/{tag}: DeepSpeed found no checkpoint to load")
-        for group, wd in zip(self.ds.optimizer.param_groups, decays):
-            group["weight_decay"] = wd
+        for group, values in zip(self.ds.optimizer.param_groups, own):
+            group.update(values)
         _unshare_adam_steps(self.ds.optimizer)
         return client_state or {}
 
@@ -644,19 +679,21 @@ def lazy_state_dict(root: Path, tag: str) -> dict:
     The optimizer files are memory-mapped, so a caller that converts and writes one tensor at a
     time holds about one tensor in RAM, not the model.
     """
-    _quiet()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     if not (Path(root) / tag).is_dir():
         raise CheckpointError(f"{root}/{tag}: checkpoint folder not found")
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, lazy_mode=True)
+    return checkpoint_reader()(str(root), tag=tag, lazy_mode=True)
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 state dict (HF names) of a ZeRO checkpoint, in this process, without a process group."""
+    if not (Path(root) / tag).is_dir():
+        raise CheckpointError(f"{root}/{tag}: checkpoint folder not found")
+    return checkpoint_reader()(str(root), tag=tag)
+
+
+def checkpoint_reader() -> Callable:
+    """DeepSpeed's reader of ZeRO checkpoints (`get_fp32_state_dict_from_zero_checkpoint`), imported now."""
     _quiet()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if not (Path(root) / tag).is_dir():
-        raise CheckpointError(f"{root}/{tag}: checkpoint folder not found")
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint

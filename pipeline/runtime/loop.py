@@ -7,10 +7,11 @@ the step's loss is summed over ranks (the one host sync of a step): a loss that 
 any rank, or (with `spike_skip`) a loss spike, makes every rank skip the update before it happens
 (engine.py says how); `max_nonfinite` non-finite steps in a row stop the run with a checkpoint and
 the offending sample indices. Every `log_every` steps a metrics row, every `eval_every` the task's
-validation metrics (early stopping and the best checkpoint follow `early_stop_metric`), every
-`save_every` (and at the end) a checkpoint, with its duration in a metrics row (`save_s`: the
-preemption lead time must cover it). SIGTERM/SIGUSR1 stop every rank at the next step
-boundary with a checkpoint and REQUEUE_EXIT_CODE. The set-up around it (resume, status.json) is
+validation metrics (early stopping and the best checkpoint follow `early_stop_metric`), extra
+evaluators (lm-eval tasks in pretraining) on their own cadence, every `save_every` (and at the
+end) a checkpoint, with its duration in a metrics row (`save_s`: the preemption lead time must
+cover it). SIGTERM/SIGUSR1 stop every rank at the next step boundary with a checkpoint and
+REQUEUE_EXIT_CODE. The set-up around it (resume, status.json) is
 in trainer.py; no DeepSpeed in here.
 """
 
@@ -22,6 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,6 +46,15 @@ log = logging.getLogger(__name__)
 PARITY_TOKENS = 32  # length of the fixed batch whose logits every checkpoint records for export
 
 
+class Evaluator(Protocol):
+    """An evaluation besides the task's own, run every `every` steps and at the last step (collective:
+    every rank calls it); returns metrics for the run's metrics row of that step."""
+
+    every: int
+
+    def __call__(self, engine: Engine) -> dict[str, float]: ...
+
+
 @dataclass
 class LoopSettings:
     """What the loop needs besides the task and the engine."""
@@ -55,6 +66,7 @@ class LoopSettings:
     precision: str
     flops_per_token: float = 0.0
     """Training FLOPs per token of the model, for TFLOP/s and MFU (0: not known)."""
+    evaluators: list[Evaluator] = field(default_factory=list)
 
 
 @dataclass
@@ -165,6 +177,9 @@ class Loop:
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or last:
                 self.evaluate()
                 last = last or self.stopped_early
+            for ev in self.s.evaluators:
+                if (ev.every and state.step % ev.every == 0) or last:
+                    self.run_evaluator(ev)
             if (
                 (cfg.save_every and state.step % cfg.save_every == 0) or last
             ) and self.saved_at != state.step:
@@ -344,6 +359,13 @@ class Loop:
             self.metrics.write({"event": "early_stop", "step": step, "best_step": self.stopper.best_step})
         if dist.is_main():
             write_json(self.s.run_dir / "best.json", self.stopper.summary())
+
+    def run_evaluator(self, ev: Evaluator) -> None:
+        """One extra evaluation, logged in the step's metrics row (collective)."""
+        result = ev(self.engine)
+        step = self.state.step
+        self.metrics.write({"step": step, **result})
+        log.info("step %d  %s", step, {k: round(v, 4) for k, v in result.items()})
 
     def parity_batch(self) -> dict:
         """A fixed batch (row 0 of the first training batch) and the training model's fp32 logits

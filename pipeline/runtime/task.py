@@ -46,6 +46,9 @@ class Task:
     info: dict[str, Any] = {}
     """The data's accounting (records kept, dropped by reason, ...): written to metrics.jsonl as an
     `event: data` row at every start (set it per instance)."""
+    lr_scales: dict[str, float] = {}
+    """LR multipliers by parameter-name component, e.g. {"score": 10.0} for a new head that should
+    learn faster than the pretrained body (the engine gives those parameters their own group)."""
 
     def micro_batches(self, step: int, dp_rank: int, dp_size: int) -> list[Batch]:
         """This rank's micro batches of optimizer step `step` (0-based)."""
@@ -75,6 +78,10 @@ class Task:
     def step_samples(self, step: int) -> list[int]:
         """Indices of the training samples step `step` (0-based) trains on, for reports of bad steps."""
         return []
+
+    def finish(self, tag: str) -> None:
+        """Rank 0, once a completed run's result is checkpoint `tag` (exported, for fine-tuning): the
+        task's closing report, if it has one."""
 
 
 def lm_targets(batch: Batch) -> torch.Tensor:

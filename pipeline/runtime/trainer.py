@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from pipeline.runtime.checkpoint import TrainerState
 from pipeline.runtime.config import BatchConfig, LoopConfig, OptimConfig, ParallelConfig
 from pipeline.runtime.engine import Engine, ds_config, init_distributed
 from pipeline.runtime.faults import Faults, StopRequest
-from pipeline.runtime.loop import Loop, LoopResult, LoopSettings, seed_rank
+from pipeline.runtime.loop import Evaluator, Loop, LoopResult, LoopSettings, seed_rank
 from pipeline.runtime.metrics import MetricsWriter
 from pipeline.runtime.task import Task
 
@@ -55,10 +55,18 @@ class Job:
     """Builds the model; called inside Engine, so ZeRO-3 partitions it as it is created."""
     flops_per_token: float = 0.0
     name: str = ""
+    evaluators: list[Evaluator] = field(default_factory=list)
+    """Evaluations besides the task's own, each on its own cadence (e.g. lm-eval tasks in pretraining)."""
 
     def settings(self) -> LoopSettings:
         return LoopSettings(
-            self.run_dir, self.batch, self.loop, self.max_steps, self.parallel.precision, self.flops_per_token
+            self.run_dir,
+            self.batch,
+            self.loop,
+            self.max_steps,
+            self.parallel.precision,
+            self.flops_per_token,
+            self.evaluators,
         )
 
 
@@ -136,6 +144,7 @@ def _train(job: Job, stop: StopRequest) -> RunResult:
             world_size=dist.world_size(),
             load_universal=universal,
         ),
+        lr_scales=job.task.lr_scales,
     )
     seed_rank(job.seed)
     job.task.setup(engine)  # still the starting weights: a checkpoint is loaded below

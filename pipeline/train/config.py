@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import load_config, origin
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.model.config import ModelConfig
 from pipeline.runtime.config import (
     BatchConfig,
@@ -81,12 +81,43 @@ class TrainLoopConfig(LoopConfig):
     eval_batches: int = 4
     """Global batches (batch.global_size sequences each) in one validation pass, from the start of
     the valid split (unshuffled, wrapping around if it is shorter)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the training model during the run (names of task YAMLs in
+    configs/eval/, or YAML paths; see pipeline/deploy/harness.py), logged in metrics.jsonl as
+    `<task>/<metric>`; needs the `deploy` extra. [] = none."""
+    eval_tasks_every: int = 0
+    """Steps between those evaluations (one also runs at the last step); 0 = only at the end."""
+    eval_tasks_limit: int | None = None
+    """Documents per task in one evaluation (the first ones of each task); None = all."""
 
     def validate(self) -> None:
         super().validate()
         for key in ("max_steps", "eval_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.eval_tasks_every < 0:
+            raise ConfigError("eval_tasks_every", f"must be >= 0, got {self.eval_tasks_every}")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit < 1:
+            raise ConfigError("eval_tasks_limit", f"must be >= 1 or null, got {self.eval_tasks_limit}")
+
+
+def check_eval_tasks(tasks: list[str]) -> None:
+    """ConfigError at `train.eval_tasks` when lm-eval is missing or a task does not resolve to local
+    data (checked by resolve(), before training, not when a saved config is read back)."""
+    import importlib.util
+
+    from pipeline.deploy.harness import TASK_DIR, task_config
+
+    if tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("train.eval_tasks", "needs lm-evaluation-harness: pip install -e .[deploy]")
+    for i, name in enumerate(tasks):
+        try:
+            task_config(name, TASK_DIR)
+        except ConfigError as exc:
+            where = f"{exc.file}: {exc.key}: " if exc.file else ""
+            raise ConfigError(f"train.eval_tasks[{i}]", where + exc.msg) from None
+        except DataError as exc:
+            raise ConfigError(f"train.eval_tasks[{i}]", str(exc)) from None
 
 
 @dataclass
@@ -191,6 +222,7 @@ def resolve(
         )
     if check_device:
         check_precision(cfg.parallel.precision)
+    check_eval_tasks(cfg.train.eval_tasks)
     dp = cfg.parallel.dp_size(world_size)
     derived = DerivedConfig(
         world_size=world_size,

@@ -74,7 +74,7 @@ def export_hf(
     if precision not in DTYPES:
         raise CheckpointError(f"export dtype must be one of {list(DTYPES)}, got {precision!r}")
     tensors = checkpoint_tensors(run_dir, tag, rcfg.parallel.tp_size, rcfg.model.tie_embeddings)
-    tokenizer_dir = _tokenizer_dir(rcfg)
+    tokenizer_dir = run_tokenizer_dir(rcfg)
     with atomic_dir(out_dir) as tmp:
         _write_config(rcfg, tmp, precision)
         write_safetensors(tensors, tmp, DTYPES[precision], max_shard_bytes)
@@ -199,7 +199,7 @@ def _materialise(tensors: dict, keys: list[str], dtype: torch.dtype) -> Iterator
         yield k, tensors[k].contiguous().to(dtype).contiguous()
 
 
-def _tokenizer_dir(rcfg: ResolvedPretrainConfig) -> Path:
+def run_tokenizer_dir(rcfg: ResolvedPretrainConfig) -> Path:
     """The tokenizer folder from the manifest: as written, else relative to the token folder."""
     path = rcfg.derived.tokenizer
     for cand in (path, rcfg.data.tokens / path):

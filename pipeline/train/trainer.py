@@ -108,6 +108,7 @@ def prepare(cfg: PretrainConfig) -> Job:
         ),
         flops_per_token=d.flops_per_token,
         name=rcfg.run.name,
+        evaluators=task_evaluators(rcfg),
     )
 
 
@@ -129,6 +130,19 @@ def verify_checksums(rcfg: ResolvedPretrainConfig) -> None:
         record.path,
         time.perf_counter() - t0,
     )
+
+
+def task_evaluators(rcfg: ResolvedPretrainConfig) -> list:
+    """The in-loop lm-eval evaluator of `train.eval_tasks` (none when the list is empty)."""
+    t = rcfg.train
+    if not t.eval_tasks:
+        return []
+    from pipeline.deploy.harness import TaskEvaluator
+    from pipeline.train.export import run_tokenizer_dir
+
+    return [
+        TaskEvaluator(list(t.eval_tasks), run_tokenizer_dir(rcfg), t.eval_tasks_every, t.eval_tasks_limit)
+    ]
 
 
 def open_loaders(rcfg: ResolvedPretrainConfig) -> tuple[TokenLoader | BlendedLoader, TokenLoader | None]:
