@@ -54,7 +54,7 @@ def test_literal_and_list_types(tmp_path):
     assert f"format: must be auto or one of {formats}, got 'html'" in error_of(
         tmp_path, BASE + "format: html\n"
     )
-    assert "steps[0]: must be one of ['clean', 'dedup', 'tokenize'], got 'shuffle'" in error_of(
+    assert "steps[0]: must be one of ['clean', 'dedup', 'select', 'tokenize'], got 'shuffle'" in error_of(
         tmp_path, BASE.replace("[clean]", "[shuffle]")
     )
     assert "inputs: must be a list, got str" in error_of(tmp_path, BASE.replace("[a.xml.bz2]", "a.xml.bz2"))
@@ -90,7 +90,7 @@ def test_validate_errors_carry_the_section_path(tmp_path):
     )
     assert "ray.num_cpus: must be >= 1" in error_of(tmp_path, BASE, ("ray.num_cpus=0",))
     assert (
-        "steps: must be in the order ['clean', 'dedup', 'tokenize'], got ['tokenize', 'clean']"
+        "steps: must be in the order ['clean', 'dedup', 'select', 'tokenize'], got ['tokenize', 'clean']"
         in error_of(tmp_path, BASE, ("steps=[tokenize,clean]",))
     )
 
