@@ -20,7 +20,7 @@ whose training tokens equal an earlier row's (a stage that removed nothing) reus
 
 Three resumable phases, results cached under --out (per-row shards, token files, one JSON per run):
     python bench/ablation.py --size tiny                 # minutes: the whole thing, small
-    nice -n 5 python bench/ablation.py --size full       # the table: < 40 min on 2 quiet CPU cores
+    nice -n 5 python bench/ablation.py --size full       # the table: (a) and (b) first, each run cached
     python bench/ablation.py prep  --out out/ablation    # data only (needs Ray and the data libraries)
     python bench/ablation.py train --out out/ablation --size full   # torch + transformers only
     python bench/ablation.py report --out out/ablation --size full  # table, ablation.md, ablation.png
