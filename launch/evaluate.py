@@ -1,6 +1,6 @@
 """Evaluate a causal LM folder: perplexity, quantized vs original, and lm-evaluation-harness tasks.
 
-    python launch/evaluate.py --model runs/sft_tiny/hf --data tests/data/sample/instructions.jsonl
+    python launch/evaluate.py --model runs/sft_tiny/hf --data tests/data/sample/instructions.jsonl --field output
     python launch/evaluate.py --model runs/tiny_cpu/hf --data data/wiki_sample/tokens --split valid
     python launch/evaluate.py --model runs/sft_sample/hf --data notes.txt --quantize int8 int4
     python launch/evaluate.py --model runs/sft_sample/hf --tasks gristmill_cloze gristmill_ppl
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
     p.add_argument("--bootstrap-iters", type=int, default=1000, help="for the tasks' stderr (0: none)")
     p.add_argument("--make-tasks", type=Path, help="texts (JSONL or text file) to make task data from")
-    p.add_argument("--field", default="text", help="JSONL field of --make-tasks")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (--data, --make-tasks)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

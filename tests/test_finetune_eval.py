@@ -51,6 +51,11 @@ def test_text_jsonl_and_shard_agree_with_direct_computation(ft_init, tmp_path, c
     jl = tmp_path / "t.jsonl"
     jl.write_text(json.dumps({"text": TEXT}) + "\nnot json\n")
     assert load_tokens(jl, tok, ft_init).tolist() == ids
+    named = tmp_path / "a.jsonl"  # another field, as --field names it (an instruction set's answers)
+    named.write_text(json.dumps({"instruction": "x", "output": TEXT}) + "\n")
+    assert load_tokens(named, tok, ft_init, field="output").tolist() == ids
+    cli.main(["--model", str(ft_init), "--data", str(named), "--field", "output", "--seq-len", "16"])
+    assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(nll, rel=1e-5)
 
     prefix = tmp_path / "shard"
     write_indexed(prefix, [np.array(ids)], dtype_for_vocab(len(tok)))
@@ -67,6 +72,17 @@ def test_bad_inputs_raise(ft_init, tmp_path):  # noqa: F811
         load_tokens(tmp_path / "e.jsonl", tok, ft_init)
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         perplexity(model, np.array([1, 2, 10**6]), seq_len=8)
+
+
+def test_a_missing_deploy_library_is_one_clear_line():
+    from pipeline.deploy import require
+    from pipeline.errors import ConfigError
+
+    require("json", "type")  # installed: nothing happens
+    with pytest.raises(
+        ConfigError, match=r"^type: needs the 'no_such_lib_x' package.*pip install -e '\.\[deploy\]'"
+    ):
+        require("no_such_lib_x", "type")
 
 
 def test_token_folder_split_and_tokenizer_check(ft_init, tmp_path):  # noqa: F811

@@ -50,7 +50,7 @@ def compare_quantized(args) -> list[dict]:
     if args.seq_len < 2:
         raise DataError(f"--seq-len must be >= 2, got {args.seq_len}")
     _, tokenizer = load_model(args.model)
-    tokens = load_tokens(args.data, tokenizer, args.model, args.split)[: args.max_tokens]
+    tokens = load_tokens(args.data, tokenizer, args.model, args.split, args.field)[: args.max_tokens]
     rows = compare(
         args.model,
         tokens,

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.deploy import require
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.io import TMP_PREFIX
 
@@ -312,6 +313,7 @@ def export_gguf(
     The file appears only after it is complete and, with `verify`, after transformers' GGUF loader
     reproduces the source's logits within GGUF_TOL[type_name].
     """
+    require("gguf", "type")
     if type_name not in GGUF_TYPES:
         raise ConfigError(
             "type",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.deploy import require
 from pipeline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def evaluate_tasks(
     loop's ranks) each run every request and each get the results: HFLM treats a model instance as
     a single process.
     """
+    require("lm_eval", "tasks")
     from lm_eval.evaluator import evaluate
 
     loaded = load_tasks([task_config(t, Path(task_dir)) for t in tasks])

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.deploy import require
 from pipeline.errors import CheckpointError, ConfigError, DataError
 from pipeline.io import atomic_dir
 
@@ -36,6 +37,7 @@ INT4_GROUP = 32
 
 def torchao_config(scheme: str):
     """The torchao config object of a scheme name."""
+    require("torchao", "quantize")
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 

@@ -4,7 +4,7 @@ Sources:
 - a token folder with `manifest.json` (one split, verified, and its tokenizer fingerprint must be
   the model folder's `tokenizer.model`), or one shard given as its `.bin`/`.idx`/prefix path:
   the stored token stream as is;
-- a `.jsonl` file: each line's `text` field becomes `BOS + tokens + EOS` (as in the token shards);
+- a `.jsonl` file: each line's `text` field (or the one named) becomes `BOS + tokens + EOS` (as in the token shards);
 - any other file: its whole text as `BOS + tokens + EOS`.
 The stream (capped at `max_tokens`) is cut into non-overlapping windows of `seq_len` tokens; each
 window scores its tokens after the first (the first has no context), so the reported perplexity
@@ -52,8 +52,8 @@ def shard_tokens(source: Path, split: str, model_dir: Path) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def text_tokens(source: Path, tokenizer) -> np.ndarray:
-    """BOS + tokens + EOS per JSONL `text` record, or for the whole file."""
+def text_tokens(source: Path, tokenizer, field: str = "text") -> np.ndarray:
+    """BOS + tokens + EOS per JSONL record's `field`, or for the whole file."""
     try:
         raw = source.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -66,14 +66,14 @@ def text_tokens(source: Path, tokenizer) -> np.ndarray:
                 rec = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
                 rec = None
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                texts.append(rec["text"])
+            if isinstance(rec, dict) and isinstance(rec.get(field), str):
+                texts.append(rec[field])
             elif line.strip():
                 bad += 1
         if not texts:
-            raise DataError(f"{source}: no JSONL line has a string `text` field ({bad} lines skipped)")
+            raise DataError(f"{source}: no JSONL line has a string `{field}` field ({bad} lines skipped)")
         if bad:
-            log.warning("%s: skipped %d lines without a string `text`", source, bad)
+            log.warning("%s: skipped %d lines without a string `%s`", source, bad, field)
     ids = []
     for text in texts:
         ids += [
@@ -84,14 +84,16 @@ def text_tokens(source: Path, tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def load_tokens(source: Path, tokenizer, model_dir: Path, split: str = "valid") -> np.ndarray:
+def load_tokens(
+    source: Path, tokenizer, model_dir: Path, split: str = "valid", field: str = "text"
+) -> np.ndarray:
     """The token stream of a source (see the module docstring)."""
     source = Path(source)
     if (source / "manifest.json").is_file() or shard_prefix(source) is not None:
         return shard_tokens(source, split, Path(model_dir))
     if not source.is_file():
         raise DataError(f"{source}: not a text file, token folder (manifest.json) or .bin/.idx shard")
-    return text_tokens(source, tokenizer)
+    return text_tokens(source, tokenizer, field)
 
 
 @torch.no_grad()
@@ -127,7 +129,7 @@ def run_cli(args) -> dict[str, float]:
     if args.seq_len < 2:
         raise DataError(f"--seq-len must be >= 2, got {args.seq_len}")
     model, tokenizer = load_model(args.model)
-    tokens = load_tokens(args.data, tokenizer, args.model, args.split)
+    tokens = load_tokens(args.data, tokenizer, args.model, args.split, getattr(args, "field", "text"))
     if args.max_tokens is not None:
         tokens = tokens[: args.max_tokens]
     result = perplexity(model, tokens, args.seq_len, args.batch_size)
