@@ -283,6 +283,7 @@ def test_two_runs_of_one_config_are_identical(vader_runs):
     for key in keys:
         want = {r["step"]: r[key] for r in metrics_rows(a) if key in r and "event" not in r}
         assert want and want == {r["step"]: r[key] for r in metrics_rows(b) if key in r and "event" not in r}
+
     def events(run):  # a checkpoint row's save_s is wall time, the one thing allowed to differ
         return [{k: v for k, v in r.items() if k != "save_s"} for r in metrics_rows(run) if "event" in r]
 
